@@ -1,0 +1,104 @@
+"""``@recorded_stream``: an async generator function becomes an endpoint returning a recorded SSE response.
+
+The wrapper is a plain coroutine function with the generator function's signature (so
+FastAPI and Litestar still inject its parameters) and the response class as its return
+annotation (so Litestar sends the result as an ASGI app). It deliberately sets no
+``__wrapped__``: FastAPI unwraps endpoints to find async generator functions and would
+then try to stream the wrapper's coroutine itself.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any, ParamSpec, overload
+
+from starlette.types import Scope
+
+from .recorders import Recorder
+from .response import OnDisconnect, RecordedStreamResponse, check_options
+
+__all__ = ["recorded_stream"]
+
+P = ParamSpec("P")
+
+
+@overload
+def recorded_stream(func: Callable[P, AsyncIterator[Any]], /) -> Callable[P, Any]: ...
+
+
+@overload
+def recorded_stream(
+    func: None = None,
+    /,
+    *,
+    recorder: Recorder | None = None,
+    metadata: Mapping[str, Any] | Callable[[Scope], Mapping[str, Any]] | None = None,
+    event: str | None = None,
+    on_disconnect: OnDisconnect = "cancel",
+    ping: float | None = 15.0,
+    headers: Mapping[str, str] | None = None,
+) -> Callable[[Callable[P, AsyncIterator[Any]]], Callable[P, Any]]: ...
+
+
+def recorded_stream(
+    func: Callable[P, AsyncIterator[Any]] | None = None,
+    /,
+    *,
+    recorder: Recorder | None = None,
+    metadata: Mapping[str, Any] | Callable[[Scope], Mapping[str, Any]] | None = None,
+    event: str | None = None,
+    on_disconnect: OnDisconnect = "cancel",
+    ping: float | None = 15.0,
+    headers: Mapping[str, str] | None = None,
+) -> Any:
+    """Stream what the decorated async generator yields as SSE, recording it as it goes.
+
+    ``recorder``: where to record (default: the middleware's, else the process default
+    SQLite file). ``metadata``: a dict, or a callable of the ASGI scope, stored with the
+    stream. ``event``: the event name for plain items. ``on_disconnect``: ``"cancel"``
+    stops the generator when the client leaves; ``"continue"`` lets it finish, recorded.
+    ``ping``: seconds of silence before a keep-alive comment (None: never). ``headers``:
+    extra response headers.
+    """
+    check_options(event, on_disconnect, ping)
+
+    def decorate(source: Callable[P, AsyncIterator[Any]]) -> Callable[P, Any]:
+        if not callable(source):
+            raise TypeError(f"@recorded_stream needs an async generator function, got {source!r}")
+
+        async def endpoint(*args: P.args, **kwargs: P.kwargs) -> RecordedStreamResponse:
+            return RecordedStreamResponse(
+                source(*args, **kwargs),
+                recorder=recorder,
+                metadata=metadata,
+                event=event,
+                on_disconnect=on_disconnect,
+                ping=ping,
+                headers=headers,
+            )
+
+        for attr in ("__module__", "__name__", "__qualname__", "__doc__"):
+            setattr(endpoint, attr, getattr(source, attr, None))
+        endpoint.__dict__.update(getattr(source, "__dict__", {}))
+        endpoint.__dict__.pop("__wrapped__", None)
+        endpoint.__signature__ = _signature(source)  # type: ignore[attr-defined]
+        endpoint.__annotations__ = {
+            **{n: p.annotation for n, p in endpoint.__signature__.parameters.items()  # type: ignore[attr-defined]
+               if p.annotation is not inspect.Parameter.empty},
+            "return": RecordedStreamResponse,
+        }
+        endpoint.__recorded_stream_source__ = source  # type: ignore[attr-defined]
+        return endpoint
+
+    return decorate if func is None else decorate(func)
+
+
+def _signature(source: Callable[..., Any]) -> inspect.Signature:
+    """The source's signature with annotations evaluated where possible (our wrapper's
+    globals are not the user's, so string annotations must be resolved here)."""
+    try:
+        sig = inspect.signature(source, eval_str=True)
+    except Exception:  # a forward reference not yet defined: keep the strings
+        sig = inspect.signature(source)
+    return sig.replace(return_annotation=RecordedStreamResponse)

@@ -1,0 +1,266 @@
+"""The ASGI response that drives a token source through a :class:`StreamSession`.
+
+Per event, the client's path does only this: turn the item into text, encode it once,
+``await send``, and hand the chunk to the recorder's queue. Beside it, in the same task
+group, a watcher reads ``receive`` for ``http.disconnect`` and a keep-alive task sends
+``: ping`` comments on an idle stream. How the stream stopped is handed to
+:meth:`StreamSession.end`, which decides the status.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
+from typing import Any, Literal
+
+import anyio
+from starlette.background import BackgroundTask
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from .recorders import Recorder, default_recorder
+from .session import Ending, StreamSession, new_stream_id
+from .sse import PING, ServerSentEvent, encode, encode_data
+
+__all__ = ["SCOPE_KEY", "OnDisconnect", "RecordedStreamResponse", "SSE_HEADERS"]
+
+log = logging.getLogger("asgi_stream_recorder")
+
+#: Where the middleware leaves its state in the ASGI scope for responses to find.
+SCOPE_KEY = "asgi_stream_recorder"
+
+#: Headers every event stream needs so that proxies and browsers neither cache nor buffer it.
+SSE_HEADERS = {
+    "cache-control": "no-cache, no-transform",
+    "x-accel-buffering": "no",
+}
+
+OnDisconnect = Literal["cancel", "continue"]
+Metadata = Mapping[str, Any] | Callable[[Scope], Mapping[str, Any]] | None
+
+_CLOSE_TIMEOUT = 5.0  # how long a source's cleanup (its finally blocks) may take
+
+
+def check_options(event: str | None, on_disconnect: str, ping: float | None) -> None:
+    """Reject bad options where they are given, not on the first request."""
+    if on_disconnect not in ("cancel", "continue"):
+        raise ValueError(f"on_disconnect must be 'cancel' or 'continue', not {on_disconnect!r}")
+    if ping is not None and (isinstance(ping, bool) or ping <= 0):
+        raise ValueError(f"ping must be a positive number of seconds, or None, not {ping!r}")
+    if event is not None:
+        ServerSentEvent(event=event)  # raises on CR/LF
+
+
+def _error_event(session: StreamSession) -> bytes:
+    """What the client is told when the source fails: no error text (it may hold secrets)."""
+    return encode(ServerSentEvent({"message": "stream failed", "stream_id": session.id}, event="error"))
+
+
+class RecordedStreamResponse(Response):
+    """A ``text/event-stream`` response that records every event it sends.
+
+    ``content`` is an async iterable of ``str``, ``bytes`` (UTF-8), ``dict``/``list``
+    (sent as JSON) or :class:`ServerSentEvent`. Every data event goes out with
+    ``id: <seq>``; the ``X-Stream-Id`` header names the record.
+    """
+
+    media_type = "text/event-stream"
+
+    def __init__(
+        self,
+        content: AsyncIterable[Any],
+        *,
+        recorder: Recorder | None = None,
+        metadata: Metadata = None,
+        event: str | None = None,
+        on_disconnect: OnDisconnect = "cancel",
+        ping: float | None = 15.0,
+        headers: Mapping[str, str] | None = None,
+        status_code: int = 200,
+        stream_id: str | None = None,
+        background: BackgroundTask | None = None,
+    ) -> None:
+        check_options(event, on_disconnect, ping)
+        self.body_iterator = content
+        self.recorder = recorder
+        self.metadata = metadata
+        self.event = event
+        self.on_disconnect = on_disconnect
+        self.ping = ping
+        self.stream_id = stream_id or new_stream_id()
+        self.status_code = status_code
+        self.background = background
+        self.init_headers({**SSE_HEADERS, **(headers or {}), "x-stream-id": self.stream_id})
+        self._client_gone = False
+        self._last_send = 0.0
+
+    # -- set-up ----------------------------------------------------------------------------
+    async def _resolve_recorder(self, scope: Scope) -> Recorder:
+        recorder = self.recorder
+        if recorder is None:
+            state = scope.get(SCOPE_KEY)
+            recorder = state.recorder if state is not None else default_recorder()
+        await recorder.ensure_open()
+        return recorder
+
+    def _session(self, recorder: Recorder, scope: Scope) -> StreamSession:
+        metadata = self.metadata(scope) if callable(self.metadata) else self.metadata
+        return StreamSession(
+            recorder,
+            id=self.stream_id,
+            metadata=dict(metadata or {}),
+            path=scope.get("path"),
+            method=scope.get("method"),
+            text_event=self.event,
+        )
+
+    def _start_message(self, scope: Scope) -> dict[str, Any]:
+        headers = self.raw_headers
+        if scope.get("http_version") == "1.1" and not any(k == b"connection" for k, _ in headers):
+            headers = [*headers, (b"connection", b"keep-alive")]
+        return {"type": "http.response.start", "status": self.status_code, "headers": headers}
+
+    # -- the ASGI app --------------------------------------------------------------------------
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        recorder = await self._resolve_recorder(scope)
+        session = self._session(recorder, scope)
+        session.begin()
+        ending, error = Ending.INTERRUPTED, None  # what it is if we are cancelled from outside
+        try:
+            self._last_send = time.monotonic()
+            try:
+                await send(self._start_message(scope))
+            except OSError:
+                self._client_gone = True
+            if not self._client_gone:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._watch_disconnect, receive, tg.cancel_scope, session)
+                    if self.ping is not None:
+                        tg.start_soon(self._keepalive, send, self.ping)
+                    ending, error = await self._pump(session, send)
+                    tg.cancel_scope.cancel()
+            if self._client_gone and (self.on_disconnect == "cancel" or ending is Ending.INTERRUPTED):
+                ending = Ending.CLIENT_LEFT
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._close_source()
+                session.end(ending, error)
+                await self._finish_body(send, session, ending)
+                if not recorder.managed:  # nobody will close this recorder: make the stream durable now
+                    with anyio.move_on_after(_CLOSE_TIMEOUT):
+                        await recorder.flush()
+        if self.background is not None:
+            await self.background()
+
+    async def _pump(self, session: StreamSession, send: Send) -> tuple[Ending, BaseException | None]:
+        """Move items from the source to the client and the record until one side stops."""
+        source: AsyncIterator[Any] = aiter(self.body_iterator)
+        default_event = self.event
+        cancel_on_leave = self.on_disconnect == "cancel"
+        while True:
+            try:
+                item = await anext(source)
+            except StopAsyncIteration:
+                return Ending.EXHAUSTED, None
+            except Exception as exc:
+                log.warning("stream %s: source raised %r", session.id, exc)
+                return Ending.RAISED, exc
+            cls = type(item)
+            try:
+                if cls is str:
+                    text, event, extra = item, default_event, None
+                elif cls is ServerSentEvent:
+                    if item.id is not None:
+                        raise ValueError(
+                            "ServerSentEvent.id is assigned by the recorder (it is the chunk's seq, "
+                            "used for Last-Event-ID resume): leave it None"
+                        )
+                    if item.text is None:  # a comment or retry hint: sent, not recorded
+                        await self._send(send, encode(item))
+                        continue
+                    text, event = item.text, item.event or default_event
+                    extra = item if item.retry is not None or item.comment is not None else None
+                else:
+                    text, event, extra = _item_text(item), default_event, None
+            except (TypeError, ValueError) as exc:
+                return Ending.RAISED, exc
+            chunk = session.chunk(text, event)
+            if extra is None:
+                body = encode_data(text, str(chunk.seq), event)
+            else:
+                body = encode(ServerSentEvent(text, event=event, id=str(chunk.seq), retry=extra.retry,
+                                              comment=extra.comment))
+            if not self._client_gone:
+                self._last_send = time.monotonic()
+                try:
+                    await send({"type": "http.response.body", "body": body, "more_body": True})
+                except OSError:
+                    self._client_gone = True
+                    session.client_left()
+                    if cancel_on_leave:
+                        return Ending.CLIENT_LEFT, None
+            await session.record(chunk)
+
+    async def _send(self, send: Send, body: bytes) -> None:
+        if not self._client_gone:
+            self._last_send = time.monotonic()
+            try:
+                await send({"type": "http.response.body", "body": body, "more_body": True})
+            except OSError:
+                self._client_gone = True
+
+    async def _watch_disconnect(self, receive: Receive, scope: anyio.CancelScope, session: StreamSession) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self._client_gone = True
+        session.client_left()
+        if self.on_disconnect == "cancel":
+            scope.cancel()
+
+    async def _keepalive(self, send: Send, interval: float) -> None:
+        while not self._client_gone:
+            idle = time.monotonic() - self._last_send
+            if idle >= interval:
+                await self._send(send, PING)
+                idle = 0.0
+            await anyio.sleep(interval - idle)
+
+    async def _close_source(self) -> None:
+        aclose = getattr(self.body_iterator, "aclose", None)
+        if aclose is None:
+            return
+        with anyio.move_on_after(_CLOSE_TIMEOUT) as scope:
+            try:
+                await aclose()
+            except Exception as exc:
+                log.warning("closing the source raised %r", exc)
+        if scope.cancelled_caught:
+            log.warning("the source's cleanup took over %.0fs and was abandoned", _CLOSE_TIMEOUT)
+
+    async def _finish_body(self, send: Send, session: StreamSession, ending: Ending) -> None:
+        if self._client_gone:
+            return
+        body = _error_event(session) if ending is Ending.RAISED else b""
+        with anyio.move_on_after(1.0):
+            try:
+                await send({"type": "http.response.body", "body": body, "more_body": False})
+            except OSError:
+                pass
+
+
+def _item_text(item: Any) -> str:
+    """Text of a yielded item other than str/ServerSentEvent (the str case is inlined above)."""
+    if isinstance(item, str):
+        return item
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        try:
+            return bytes(item).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"a yielded bytes item is not valid UTF-8: {exc}") from None
+    if isinstance(item, (dict, list)):
+        return ServerSentEvent(item).text or ""
+    raise TypeError(
+        f"a recorded stream cannot send an item of type {type(item).__module__}.{type(item).__qualname__}: "
+        "yield str, bytes, dict, list or ServerSentEvent"
+    )

@@ -1,0 +1,1 @@
+"""Helpers to test streaming endpoints: an in-process SSE client, fakes, record assertions."""
