@@ -16,7 +16,7 @@ from typing import Any, ParamSpec, overload
 from starlette.types import Scope
 
 from .recorders import Recorder
-from .response import OnDisconnect, RecordedStreamResponse, check_options
+from .response import OnDisconnect, RecordedStreamResponse, WireFormat, check_options, resolve_format
 
 __all__ = ["recorded_stream"]
 
@@ -38,6 +38,7 @@ def recorded_stream(
     on_disconnect: OnDisconnect = "cancel",
     ping: float | None = 15.0,
     headers: Mapping[str, str] | None = None,
+    format: str | WireFormat = "sse",
 ) -> Callable[[Callable[P, AsyncIterator[Any]]], Callable[P, Any]]: ...
 
 
@@ -51,6 +52,7 @@ def recorded_stream(
     on_disconnect: OnDisconnect = "cancel",
     ping: float | None = 15.0,
     headers: Mapping[str, str] | None = None,
+    format: str | WireFormat = "sse",
 ) -> Any:
     """Stream what the decorated async generator yields as SSE, recording it as it goes.
 
@@ -59,9 +61,11 @@ def recorded_stream(
     stream. ``event``: the event name for plain items. ``on_disconnect``: ``"cancel"``
     stops the generator when the client leaves; ``"continue"`` lets it finish, recorded.
     ``ping``: seconds of silence before a keep-alive comment (None: never). ``headers``:
-    extra response headers.
+    extra response headers. ``format``: ``"sse"`` (plain text events) or ``"openai"``
+    (``chat.completion.chunk`` events and ``data: [DONE]``, for OpenAI clients).
     """
     check_options(event, on_disconnect, ping)
+    wire = resolve_format(format)
 
     def decorate(source: Callable[P, AsyncIterator[Any]]) -> Callable[P, Any]:
         if not callable(source):
@@ -76,6 +80,7 @@ def recorded_stream(
                 on_disconnect=on_disconnect,
                 ping=ping,
                 headers=headers,
+                format=wire,
             )
 
         for attr in ("__module__", "__name__", "__qualname__", "__doc__"):

@@ -20,10 +20,11 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from .recorders import Recorder, default_recorder
+from .recorders.base import Chunk
 from .session import Ending, StreamSession, new_stream_id
 from .sse import PING, ServerSentEvent, encode, encode_data
 
-__all__ = ["SCOPE_KEY", "OnDisconnect", "RecordedStreamResponse", "SSE_HEADERS"]
+__all__ = ["SCOPE_KEY", "SSE_HEADERS", "OnDisconnect", "RecordedStreamResponse", "WireFormat"]
 
 log = logging.getLogger("asgi_stream_recorder")
 
@@ -52,9 +53,40 @@ def check_options(event: str | None, on_disconnect: str, ping: float | None) -> 
         ServerSentEvent(event=event)  # raises on CR/LF
 
 
-def _error_event(session: StreamSession) -> bytes:
-    """What the client is told when the source fails: no error text (it may hold secrets)."""
-    return encode(ServerSentEvent({"message": "stream failed", "stream_id": session.id}, event="error"))
+class WireFormat:
+    """How recorded chunks look on the wire. This default is plain SSE: ``id: <seq>``, the
+    chunk's event name, its text as ``data``. Subclasses (``integrations.openai``'s
+    ``OpenAIFormat``) change the bytes the client sees, never what is recorded."""
+
+    def chunk(self, session: StreamSession, chunk: Chunk, extra: ServerSentEvent | None) -> bytes:
+        """Bytes for one data chunk; ``extra`` carries a yielded event's ``retry``/``comment``."""
+        if extra is None:
+            return encode_data(chunk.data, str(chunk.seq), chunk.event)
+        return encode(ServerSentEvent(chunk.data, event=chunk.event, id=str(chunk.seq), retry=extra.retry,
+                                      comment=extra.comment))
+
+    def end(self, session: StreamSession) -> bytes:
+        """Bytes after the last chunk of a stream that completed."""
+        return b""
+
+    def error(self, session: StreamSession) -> bytes:
+        """What the client is told when the source fails: no error text (it may hold secrets)."""
+        return encode(ServerSentEvent({"message": "stream failed", "stream_id": session.id}, event="error"))
+
+
+def resolve_format(format: str | WireFormat) -> WireFormat:
+    if isinstance(format, WireFormat):
+        return format
+    if format == "sse":
+        return _SSE
+    if format == "openai":
+        from .integrations.openai import OpenAIFormat
+
+        return OpenAIFormat()
+    raise ValueError(f"format must be 'sse', 'openai' or a WireFormat, not {format!r}")
+
+
+_SSE = WireFormat()
 
 
 class RecordedStreamResponse(Response):
@@ -80,8 +112,10 @@ class RecordedStreamResponse(Response):
         status_code: int = 200,
         stream_id: str | None = None,
         background: BackgroundTask | None = None,
+        format: str | WireFormat = "sse",
     ) -> None:
         check_options(event, on_disconnect, ping)
+        self.format = resolve_format(format)
         self.body_iterator = content
         self.recorder = recorder
         self.metadata = metadata
@@ -158,6 +192,8 @@ class RecordedStreamResponse(Response):
         source: AsyncIterator[Any] = aiter(self.body_iterator)
         default_event = self.event
         cancel_on_leave = self.on_disconnect == "cancel"
+        wire = self.format
+        custom_wire = type(wire) is not WireFormat
         while True:
             try:
                 item = await anext(source)
@@ -186,11 +222,9 @@ class RecordedStreamResponse(Response):
             except (TypeError, ValueError) as exc:
                 return Ending.RAISED, exc
             chunk = session.chunk(text, event)
-            if extra is None:
-                body = encode_data(text, str(chunk.seq), event)
-            else:
-                body = encode(ServerSentEvent(text, event=event, id=str(chunk.seq), retry=extra.retry,
-                                              comment=extra.comment))
+            body = wire.chunk(session, chunk, extra) if custom_wire else (
+                encode_data(text, str(chunk.seq), event) if extra is None else wire.chunk(session, chunk, extra)
+            )
             if not self._client_gone:
                 self._last_send = time.monotonic()
                 try:
@@ -241,7 +275,12 @@ class RecordedStreamResponse(Response):
     async def _finish_body(self, send: Send, session: StreamSession, ending: Ending) -> None:
         if self._client_gone:
             return
-        body = _error_event(session) if ending is Ending.RAISED else b""
+        if ending is Ending.RAISED:
+            body = self.format.error(session)
+        elif ending is Ending.EXHAUSTED:
+            body = self.format.end(session)
+        else:
+            body = b""
         with anyio.move_on_after(1.0):
             try:
                 await send({"type": "http.response.body", "body": body, "more_body": False})

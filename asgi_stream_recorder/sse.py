@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["PING", "ServerSentEvent", "SSEParser", "encode", "encode_data", "to_text"]
+__all__ = ["PING", "SSEParser", "ServerSentEvent", "encode", "encode_data", "to_text"]
 
 #: A keep-alive comment: it resets proxies' idle timers and is invisible to clients.
 PING = b": ping\n\n"

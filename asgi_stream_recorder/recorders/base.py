@@ -13,9 +13,9 @@ import enum
 import json
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from collections.abc import Callable
 from types import TracebackType
 from typing import Any, NamedTuple
 

@@ -69,9 +69,15 @@ def _spawn(fn: Callable[[], Awaitable[None]]) -> None:
     else:
         import asyncio
 
-        task = asyncio.get_running_loop().create_task(fn(), name="asgi_stream_recorder writer")  # type: ignore[arg-type]
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(
+            _as_coroutine(fn), name="asgi_stream_recorder writer"
+        )
         _TASKS.add(task)
         task.add_done_callback(_TASKS.discard)
+
+
+async def _as_coroutine(fn: Callable[[], Awaitable[None]]) -> None:
+    await fn()
 
 
 _TASKS: set[Any] = set()  # asyncio keeps only weak references to tasks

@@ -21,7 +21,7 @@ import anyio.to_thread
 
 from .base import Batch, Chunk, Recorder, StreamRecord, StreamStatus, dump_metadata, to_datetime
 
-__all__ = ["SQLiteRecorder", "SCHEMA_VERSION"]
+__all__ = ["SCHEMA_VERSION", "SQLiteRecorder"]
 
 T = TypeVar("T")
 

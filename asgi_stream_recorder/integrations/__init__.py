@@ -1,0 +1,1 @@
+"""Adapters: provider streams in (openai) and framework glue where one is needed."""

@@ -1,0 +1,78 @@
+"""Real servers for tests: uvicorn on asyncio, hypercorn on trio, both on 127.0.0.1.
+
+``serve(app)`` starts the server that matches the running event loop inside the test's
+own loop and yields its base URL; leaving the block shuts it down.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import sniffio
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@asynccontextmanager
+async def serve(app: Any, *, lifespan: str = "auto") -> AsyncIterator[str]:
+    if sniffio.current_async_library() == "trio":
+        async with _hypercorn(app) as url:
+            yield url
+    else:
+        async with _uvicorn(app, lifespan) as url:
+            yield url
+
+
+@asynccontextmanager
+async def _uvicorn(app: Any, lifespan: str) -> AsyncIterator[str]:
+    import uvicorn
+
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(app, log_level="warning", lifespan=lifespan, timeout_graceful_shutdown=2)
+    server = uvicorn.Server(config)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(server.serve, [sock])
+        with anyio.fail_after(10):
+            while not server.started:
+                await anyio.sleep(0.01)
+        try:
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            server.should_exit = True
+    sock.close()
+
+
+@asynccontextmanager
+async def _hypercorn(app: Any) -> AsyncIterator[str]:
+    from hypercorn.config import Config
+    from hypercorn.trio import serve as hypercorn_serve
+
+    config = Config()
+    port = free_port()
+    config.bind = [f"127.0.0.1:{port}"]
+    config.graceful_timeout = 2
+    config.loglevel = "WARNING"
+    stop = anyio.Event()
+
+    async def trigger() -> None:
+        await stop.wait()
+
+    async with anyio.create_task_group() as tg:
+        with anyio.fail_after(10):
+            await tg.start(lambda task_status: hypercorn_serve(app, config, shutdown_trigger=trigger,
+                                                               task_status=task_status))
+        try:
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            stop.set()
