@@ -167,6 +167,8 @@ class SSEParser:
             self._started = True
             if text.startswith("\ufeff"):
                 text = text[1:]
+        if not text:  # an empty read (or only part of a character): a pending CR still waits for its LF
+            return []
         if self._pending_cr and text.startswith("\n"):
             text = text[1:]
         self._pending_cr = False
