@@ -1,0 +1,1 @@
+"""Runnable chat examples: ``python -m examples.fastapi`` and ``python -m examples.litestar``."""

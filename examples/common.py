@@ -1,0 +1,170 @@
+"""What both example apps share: settings from the environment, the token sources, the chat
+page and the JSON shape of a recorded stream.
+
+The token source is an offline generator unless ``OPENAI_API_KEY`` is set, in which case an
+OpenAI-compatible model streams the answer (``OPENAI_BASE_URL`` and ``OPENAI_MODEL`` pick
+the server and the model).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from asgi_stream_recorder import StreamRecord, current_stream
+
+__all__ = [
+    "DEFAULT_MAX_TOKENS",
+    "Settings",
+    "chat_page",
+    "generate",
+    "offline_tokens",
+    "openai_tokens",
+    "stream_json",
+]
+
+STATIC = Path(__file__).parent / "static"
+
+#: Upper bound on ``max_tokens`` a client may ask for (the page's default is far below).
+DEFAULT_MAX_TOKENS = 400
+_MAX_TOKENS_LIMIT = 4000
+
+
+@dataclass
+class Settings:
+    """Everything an example reads from the environment, overridable by the app factory."""
+
+    db_path: str = field(default_factory=lambda: os.environ.get("ASGI_STREAM_RECORDER_DB", "streams.db"))
+    #: seconds between two offline tokens (the first one takes three times as long)
+    token_delay: float = field(default_factory=lambda: float(os.environ.get("EXAMPLE_TOKEN_DELAY", "0.05")))
+    openai_api_key: str | None = field(default_factory=lambda: os.environ.get("OPENAI_API_KEY") or None)
+    openai_base_url: str | None = field(default_factory=lambda: os.environ.get("OPENAI_BASE_URL") or None)
+    openai_model: str = field(default_factory=lambda: os.environ.get("OPENAI_MODEL") or "gpt-4o-mini")
+
+    @property
+    def source(self) -> str:
+        return "openai" if self.openai_api_key else "offline"
+
+
+def clamp_max_tokens(value: int | None) -> int:
+    if value is None:
+        return DEFAULT_MAX_TOKENS
+    return max(1, min(int(value), _MAX_TOKENS_LIMIT))
+
+
+# -- the offline token source -----------------------------------------------------------------
+_ANSWERS = [
+    "Streaming a model's answer token by token makes the wait feel shorter: the first words "
+    "arrive after a fraction of a second, and the reader starts while the rest is still being "
+    "written.\n\nServer-Sent Events are the simplest way to do that over plain HTTP. The server "
+    "keeps the response open and writes one small event per token; the browser's EventSource "
+    "reads them as they come, and reconnects on its own if the network drops. Each event here "
+    "carries an id, its sequence number, so a record of the stream can say exactly what the "
+    "client was sent.\n\nPress stop to close the connection: the generator is cancelled on the "
+    "server, and the recorded stream is marked cancelled with everything that was sent so far.",
+    "Every stream this page starts is recorded: when it began, each chunk with its sequence "
+    "number and its time, how long the first token took, how long the whole answer took, and "
+    "how it ended. A stream that runs to its end is completed; one whose client went away is "
+    "cancelled; one whose generator raised is failed; one the server itself had to stop is "
+    "interrupted.\n\nThe recorder never sits on the path of a token. Chunks go into a bounded "
+    "queue, and a writer task stores them in batches, one transaction at a time, in a single "
+    "SQLite file by default. That keeps the stream fast for the browser, and the record "
+    "complete for whoever reads it later: a support engineer, an evaluation job, or you.",
+    "A language model writes its answer one token at a time, and there is no reason to make "
+    "the reader wait for the last one. Send each token the moment it exists, and keep a copy.\n\n"
+    "The copy matters more than it seems. It tells you how long users waited before anything "
+    "appeared, which answers were abandoned half-way, and what exactly each person saw, in "
+    "order, even when the connection broke in the middle. With that, a slow model, a flaky "
+    "proxy or a confusing answer stops being a guess and becomes a row you can look at.",
+]
+_TOKEN = re.compile(r"\s*\S+")
+
+
+async def offline_tokens(prompt: str, *, delay: float, max_tokens: int) -> AsyncIterator[str]:
+    """A realistic, deterministic answer for ``prompt``, word by word, with no network."""
+    digest = hashlib.sha256(prompt.strip().lower().encode()).digest()
+    answer = _ANSWERS[digest[0] % len(_ANSWERS)]
+    topic = " ".join(prompt.split()[:8]) or "your question"
+    text = f"You asked: \u201c{topic}\u201d. Here is a demo answer, generated offline.\n\n{answer}"
+    stream = current_stream()
+    stream.metadata.update(model="offline-demo", token_delay_s=delay)
+    await anyio.sleep(delay * 3)  # "thinking": the first token takes longer, as with a real model
+    for count, token in enumerate(_TOKEN.findall(text), start=1):
+        if count > max_tokens:
+            stream.metadata["finish_reason"] = "length"
+            return
+        yield token
+        await anyio.sleep(delay)
+    stream.metadata["finish_reason"] = "stop"
+
+
+# -- the OpenAI-compatible token source ---------------------------------------------------------
+async def openai_tokens(prompt: str, *, settings: Settings, max_tokens: int, client: Any = None) -> AsyncIterator[str]:
+    """The model's answer as text deltas (``client``: an ``openai.AsyncOpenAI``, made from settings if None)."""
+    import openai
+
+    if client is None:
+        client = openai.AsyncOpenAI(api_key=settings.openai_api_key, base_url=settings.openai_base_url)
+    stream = current_stream()
+    stream.metadata["model"] = settings.openai_model
+    response = await client.chat.completions.create(
+        model=settings.openai_model,
+        messages=[{"role": "user", "content": prompt}],
+        max_tokens=max_tokens,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    # TODO(issue 4): use asgi_stream_recorder.integrations.openai's adapter once it lands
+    # (`async for text in openai_text(response): yield text`), which also fills the metadata.
+    try:
+        async for chunk in response:
+            if chunk.usage is not None:
+                stream.metadata["usage"] = chunk.usage.model_dump()
+            for choice in chunk.choices:
+                if choice.finish_reason is not None:
+                    stream.metadata["finish_reason"] = choice.finish_reason
+                if choice.delta is not None and choice.delta.content:
+                    yield choice.delta.content
+    finally:
+        await response.close()  # stop the upstream generation too when our client leaves
+
+
+def generate(prompt: str, *, settings: Settings, max_tokens: int | None) -> AsyncIterator[str]:
+    """The token source the settings choose; it also records the prompt with the stream."""
+    limit = clamp_max_tokens(max_tokens)
+    current_stream().metadata.update(prompt=prompt[:500], source=settings.source, max_tokens=limit)
+    if settings.openai_api_key:
+        return openai_tokens(prompt, settings=settings, max_tokens=limit)
+    return offline_tokens(prompt, delay=settings.token_delay, max_tokens=limit)
+
+
+# -- the page and the list of recent streams --------------------------------------------------------
+def chat_page(framework: str) -> str:
+    """The chat page (one static file for both examples), naming the framework that serves it."""
+    return (STATIC / "chat.html").read_text(encoding="utf-8").replace("{{framework}}", framework)
+
+
+def stream_json(record: StreamRecord) -> dict[str, Any]:
+    """What the page's list of recent streams shows about one stream."""
+    meta = record.metadata
+    return {
+        "id": record.id,
+        "status": str(record.status),
+        "method": record.method,
+        "created_at": record.created_at.isoformat(),
+        "completed_at": None if record.completed_at is None else record.completed_at.isoformat(),
+        "ttft_ms": meta.get("ttft_ms"),
+        "duration_ms": meta.get("duration_ms"),
+        "chunk_count": record.chunk_count,
+        "prompt": meta.get("prompt"),
+        "model": meta.get("model"),
+        "preview": record.content[:160],
+        "error": record.error,
+    }

@@ -1,0 +1,7 @@
+"""``python -m examples.litestar``: the Litestar chat example on http://127.0.0.1:8000/."""
+
+from ..serve import run
+from .app import create_app
+
+if __name__ == "__main__":
+    run(create_app(), "Litestar")

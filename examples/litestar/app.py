@@ -1,0 +1,67 @@
+"""The Litestar chat example: a page, a recorded token stream (GET for EventSource, POST for
+fetch streaming) and the list of recent recorded streams."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from litestar import Litestar, MediaType, get, post
+
+from asgi_stream_recorder import SQLiteRecorder, recorded_stream
+
+from ..common import Settings, chat_page, generate, stream_json
+
+__all__ = ["ChatRequest", "create_app"]
+
+
+@dataclass
+class ChatRequest:
+    prompt: str
+    max_tokens: int | None = None
+
+
+def create_app(*, db_path: str | None = None, token_delay: float | None = None) -> Litestar:
+    """The app; arguments override the environment (``ASGI_STREAM_RECORDER_DB``, ``EXAMPLE_TOKEN_DELAY``)."""
+    settings = Settings()
+    if db_path is not None:
+        settings.db_path = db_path
+    if token_delay is not None:
+        settings.token_delay = token_delay
+    recorder = SQLiteRecorder(settings.db_path)
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        # TODO(issue 4): DefineMiddleware(StreamRecorderMiddleware, recorder=recorder) once it lands
+        async with recorder:
+            yield
+
+    page = chat_page("Litestar")
+
+    @get("/", media_type=MediaType.HTML, sync_to_thread=False)
+    def index() -> str:
+        return page
+
+    @get("/api/chat")
+    @recorded_stream(recorder=recorder)
+    async def chat_get(prompt: str, max_tokens: int | None = None) -> AsyncIterator[str]:
+        """For EventSource: ``GET /api/chat?prompt=...``."""
+        async for token in generate(prompt, settings=settings, max_tokens=max_tokens):
+            yield token
+
+    @post("/api/chat")
+    @recorded_stream(recorder=recorder)
+    async def chat_post(data: ChatRequest) -> AsyncIterator[str]:
+        """For fetch streaming: ``POST /api/chat`` with ``{"prompt": ..., "max_tokens": ...}``."""
+        async for token in generate(data.prompt, settings=settings, max_tokens=data.max_tokens):
+            yield token
+
+    @get("/api/streams")
+    async def streams(limit: int = 10) -> dict[str, Any]:
+        await recorder.flush()  # include what is still queued for the database
+        records = await recorder.list_streams(limit=max(1, min(limit, 100)))
+        return {"source": settings.source, "streams": [stream_json(r) for r in records]}
+
+    return Litestar(route_handlers=[index, chat_get, chat_post, streams], lifespan=[lifespan])
