@@ -24,7 +24,7 @@ from .recorders.base import Chunk
 from .session import Ending, StreamSession, new_stream_id
 from .sse import PING, ServerSentEvent, encode, encode_data
 
-__all__ = ["SCOPE_KEY", "SSE_HEADERS", "OnDisconnect", "RecordedStreamResponse", "WireFormat"]
+__all__ = ["SCOPE_KEY", "SSE_HEADERS", "OnDisconnect", "RecordedStreamResponse", "WireFormat", "going_away_event"]
 
 log = logging.getLogger("asgi_stream_recorder")
 
@@ -41,6 +41,24 @@ OnDisconnect = Literal["cancel", "continue"]
 Metadata = Mapping[str, Any] | Callable[[Scope], Mapping[str, Any]] | None
 
 _CLOSE_TIMEOUT = 5.0  # how long a source's cleanup (its finally blocks) may take
+
+
+def going_away_event(stream_id: str, last_seq: int) -> bytes:
+    """The last event of a stream ended by a shutdown; the client may reconnect with Last-Event-ID."""
+    return encode(
+        ServerSentEvent(
+            {"message": "server shutting down", "stream_id": stream_id, "last_event_id": str(last_seq)},
+            event="shutdown",
+            retry=1000,
+        )
+    )
+
+
+async def _refuse(send: Send) -> None:
+    """A stream asked for while the server shuts down: 503, try again (elsewhere) in a second."""
+    await send({"type": "http.response.start", "status": 503,
+                "headers": [(b"content-type", b"text/plain; charset=utf-8"), (b"retry-after", b"1")]})
+    await send({"type": "http.response.body", "body": b"server shutting down"})
 
 
 def check_options(event: str | None, on_disconnect: str, ping: float | None) -> None:
@@ -126,8 +144,12 @@ class RecordedStreamResponse(Response):
         self.status_code = status_code
         self.background = background
         self.init_headers({**SSE_HEADERS, **(headers or {}), "x-stream-id": self.stream_id})
+        self._source: AsyncIterator[Any] = aiter(content)
         self._client_gone = False
+        self._interrupted = False
         self._last_send = 0.0
+        self._scope: anyio.CancelScope | None = None
+        self._middleware: Any = None
 
     # -- set-up ----------------------------------------------------------------------------
     async def _resolve_recorder(self, scope: Scope) -> Recorder:
@@ -157,44 +179,117 @@ class RecordedStreamResponse(Response):
 
     # -- the ASGI app --------------------------------------------------------------------------
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        state = scope.get(SCOPE_KEY)
+        middleware = None
+        if state is not None:
+            middleware = state.middleware
+            if middleware.shutting_down:
+                await _refuse(send)
+                return
+            state.decorated = True
         recorder = await self._resolve_recorder(scope)
         session = self._session(recorder, scope)
         session.begin()
-        ending, error = Ending.INTERRUPTED, None  # what it is if we are cancelled from outside
+        self._middleware = middleware
+        if middleware is not None:
+            middleware.track(self)
+        ending: Ending | None = Ending.INTERRUPTED  # what it is if we are cancelled from outside
+        error: BaseException | None = None
         try:
             self._last_send = time.monotonic()
             try:
                 await send(self._start_message(scope))
             except OSError:
                 self._client_gone = True
+                session.client_left()
             if not self._client_gone:
                 async with anyio.create_task_group() as tg:
+                    self._scope = tg.cancel_scope
                     tg.start_soon(self._watch_disconnect, receive, tg.cancel_scope, session)
                     if self.ping is not None:
                         tg.start_soon(self._keepalive, send, self.ping)
                     ending, error = await self._pump(session, send)
                     tg.cancel_scope.cancel()
-            if self._client_gone and (self.on_disconnect == "cancel" or ending is Ending.INTERRUPTED):
+            if ending is None:  # the client left a "continue" stream: the middleware runs the rest
+                assert middleware is not None
+                if middleware.try_continue(lambda: self._continue(session)):
+                    return
+                session.metadata["continue_refused"] = "background limit reached or shutting down"
                 ending = Ending.CLIENT_LEFT
+            ending = self._ending(ending)
         finally:
-            with anyio.CancelScope(shield=True):
-                await self._close_source()
-                session.end(ending, error)
-                await self._finish_body(send, session, ending)
-                if not recorder.managed:  # nobody will close this recorder: make the stream durable now
-                    with anyio.move_on_after(_CLOSE_TIMEOUT):
-                        await recorder.flush()
+            if ending is not None:
+                with anyio.CancelScope(shield=True):
+                    await self._end(session, ending, error, send)
         if self.background is not None:
             await self.background()
 
-    async def _pump(self, session: StreamSession, send: Send) -> tuple[Ending, BaseException | None]:
-        """Move items from the source to the client and the record until one side stops."""
-        source: AsyncIterator[Any] = aiter(self.body_iterator)
+    def interrupt(self) -> None:
+        """End the stream now because the server is going away (recorded ``interrupted``)."""
+        self._interrupted = True
+        if self._scope is not None:
+            self._scope.cancel()
+
+    def _ending(self, ending: Ending) -> Ending:
+        if self._interrupted:
+            return Ending.INTERRUPTED
+        if self._client_gone and (self.on_disconnect == "cancel" or ending is Ending.INTERRUPTED):
+            return Ending.CLIENT_LEFT
+        return ending
+
+    async def _continue(self, session: StreamSession) -> None:
+        """The rest of a stream whose client left, run by the middleware: record, send nothing."""
+        ending, error = Ending.INTERRUPTED, None
+        try:
+            with anyio.CancelScope() as scope:
+                self._scope = scope
+                result, error = await self._pump(session, None)
+                ending = self._ending(result or Ending.EXHAUSTED)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._end(session, ending, error, None)
+
+    async def _end(
+        self, session: StreamSession, ending: Ending, error: BaseException | None, send: Send | None
+    ) -> None:
+        """Close the source, decide and queue the status, say the last word to the client."""
+        await self._close_source()
+        session.end(ending, error)
+        if send is not None and not self._client_gone:
+            if ending is Ending.RAISED:
+                body = self.format.error(session)
+            elif ending is Ending.EXHAUSTED:
+                body = self.format.end(session)
+            elif ending is Ending.INTERRUPTED:
+                body = going_away_event(session.id, session.seq)
+            else:
+                body = b""
+            with anyio.move_on_after(1.0):
+                try:
+                    await send({"type": "http.response.body", "body": body, "more_body": False})
+                except OSError:
+                    pass
+        if self._middleware is not None:
+            self._middleware.untrack(self)
+        if not session.recorder.managed:  # nobody will close this recorder: make the stream durable now
+            with anyio.move_on_after(_CLOSE_TIMEOUT):
+                await session.recorder.flush()
+
+    async def _pump(self, session: StreamSession, send: Send | None) -> tuple[Ending | None, BaseException | None]:
+        """Move items from the source to the client and the record until one side stops.
+
+        Returns how it stopped, or ``None`` when the client left a ``continue`` stream and a
+        middleware can take the rest into the background.
+        """
+        source = self._source
         default_event = self.event
         cancel_on_leave = self.on_disconnect == "cancel"
+        hand_off = send is not None and not cancel_on_leave and self._middleware is not None
         wire = self.format
         custom_wire = type(wire) is not WireFormat
         while True:
+            if hand_off and self._client_gone:
+                return None, None
             try:
                 item = await anext(source)
             except StopAsyncIteration:
@@ -213,7 +308,8 @@ class RecordedStreamResponse(Response):
                             "used for Last-Event-ID resume): leave it None"
                         )
                     if item.text is None:  # a comment or retry hint: sent, not recorded
-                        await self._send(send, encode(item))
+                        if send is not None:
+                            await self._send(send, encode(item))
                         continue
                     text, event = item.text, item.event or default_event
                     extra = item if item.retry is not None or item.comment is not None else None
@@ -222,10 +318,11 @@ class RecordedStreamResponse(Response):
             except (TypeError, ValueError) as exc:
                 return Ending.RAISED, exc
             chunk = session.chunk(text, event)
-            body = wire.chunk(session, chunk, extra) if custom_wire else (
-                encode_data(text, str(chunk.seq), event) if extra is None else wire.chunk(session, chunk, extra)
-            )
-            if not self._client_gone:
+            if send is not None and not self._client_gone:
+                if custom_wire or extra is not None:
+                    body = wire.chunk(session, chunk, extra)
+                else:
+                    body = encode_data(text, str(chunk.seq), event)
                 self._last_send = time.monotonic()
                 try:
                     await send({"type": "http.response.body", "body": body, "more_body": True})
@@ -271,21 +368,6 @@ class RecordedStreamResponse(Response):
                 log.warning("closing the source raised %r", exc)
         if scope.cancelled_caught:
             log.warning("the source's cleanup took over %.0fs and was abandoned", _CLOSE_TIMEOUT)
-
-    async def _finish_body(self, send: Send, session: StreamSession, ending: Ending) -> None:
-        if self._client_gone:
-            return
-        if ending is Ending.RAISED:
-            body = self.format.error(session)
-        elif ending is Ending.EXHAUSTED:
-            body = self.format.end(session)
-        else:
-            body = b""
-        with anyio.move_on_after(1.0):
-            try:
-                await send({"type": "http.response.body", "body": body, "more_body": False})
-            except OSError:
-                pass
 
 
 def _item_text(item: Any) -> str:

@@ -13,6 +13,7 @@ import enum
 import json
 import os
 import socket
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -29,6 +30,7 @@ __all__ = [
     "StreamRecord",
     "StreamStart",
     "StreamStatus",
+    "is_orphan",
     "process_owner",
 ]
 
@@ -119,9 +121,33 @@ def dump_metadata(metadata: dict[str, Any]) -> str:
     return json.dumps(metadata, ensure_ascii=False, default=str, separators=(",", ":"))
 
 
+_HOST = socket.gethostname()
+_INCARNATION = uuid.uuid4().hex[:8]
+
+
 def process_owner() -> str:
-    """``host:pid``: enough for crash recovery to tell a dead local process from a live one."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+    """``host:pid:incarnation``: which process runs a stream, for crash recovery."""
+    return f"{_HOST}:{os.getpid()}:{_INCARNATION}"
+
+
+def is_orphan(owner: str) -> bool:
+    """True if the owning process ran on this host and is gone, or was an earlier
+    incarnation of our own pid (a restarted container). Other hosts' streams are left
+    alone: without a heartbeat nothing here can tell whether they still run."""
+    host, _, rest = owner.partition(":")
+    pid_text, _, incarnation = rest.partition(":")
+    if host != _HOST or not pid_text.isdigit():
+        return False
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return incarnation != _INCARNATION
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 class Recorder(abc.ABC):
