@@ -1,0 +1,494 @@
+"""The recorder contract, run against every backend: what a stream records is what you read back,
+durably, under concurrency, backpressure and a failing database."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import sqlite3
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import pytest
+
+from asgi_stream_recorder import MemoryRecorder, Recorder, RecorderError, SQLiteRecorder, StreamStatus
+from asgi_stream_recorder.recorders.base import Batch, process_owner
+from asgi_stream_recorder.recorders.sqlite import SCHEMA_VERSION
+from asgi_stream_recorder.session import Ending, StreamSession
+
+pytestmark = pytest.mark.anyio
+
+BACKENDS = ["memory", "sqlite"]
+
+
+def make(kind: str, tmp_path: Path, base: type[Recorder] | None = None, **options: Any) -> Recorder:
+    """A recorder of ``kind``; ``base`` lets a test put a deliberately faulty layer on top."""
+    if kind == "memory":
+        cls: Any = base or MemoryRecorder
+        return cls(**options)  # type: ignore[no-any-return]
+    cls = base or SQLiteRecorder
+    return cls(tmp_path / "streams.db", **options)  # type: ignore[no-any-return]
+
+
+@pytest.fixture(params=BACKENDS)
+def kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+async def recorder(kind: str, tmp_path: Path) -> AsyncIterator[Recorder]:
+    rec = make(kind, tmp_path)
+    async with rec:
+        yield rec
+
+
+async def run_stream(
+    recorder: Recorder,
+    chunks: list[str],
+    ending: Ending = Ending.EXHAUSTED,
+    *,
+    metadata: dict[str, Any] | None = None,
+    path: str | None = "/chat",
+    method: str | None = "POST",
+    events: list[str | None] | None = None,
+    text_event: str | None = None,
+) -> StreamSession:
+    session = StreamSession(recorder, metadata=metadata, path=path, method=method, text_event=text_event)
+    session.begin()
+    for i, text in enumerate(chunks):
+        await session.record(session.chunk(text, None if events is None else events[i]))
+    session.end(ending, RuntimeError("boom") if ending is Ending.RAISED else None)
+    return session
+
+
+# -- the contract ------------------------------------------------------------------------------
+
+
+async def test_completed_stream_reads_back_exactly(recorder: Recorder) -> None:
+    words = ["Hello", ", ", "wörld", " \N{PILE OF POO}", "\n", ""]
+    session = await run_stream(recorder, words, metadata={"model": "m-1", "nested": {"a": [1, 2]}})
+    await recorder.flush()
+
+    record = await recorder.get(session.id)
+    assert record is not None
+    assert record.id == session.id
+    assert record.status is StreamStatus.COMPLETED
+    assert record.content == "".join(words)
+    assert record.chunk_count == len(words)
+    assert record.error is None
+    assert record.path == "/chat" and record.method == "POST"
+    assert record.metadata["model"] == "m-1"
+    assert record.metadata["nested"] == {"a": [1, 2]}
+    assert record.metadata["chunk_count"] == len(words)
+    assert record.metadata["char_count"] == sum(map(len, words))
+    assert 0 <= record.metadata["ttft_ms"] <= record.metadata["duration_ms"]
+    assert record.completed_at is not None and record.completed_at >= record.created_at
+
+    chunks = await recorder.chunks(session.id)
+    assert [(c.stream_id, c.seq, c.data, c.event) for c in chunks] == [
+        (session.id, i, w, None) for i, w in enumerate(words, 1)
+    ]
+    assert all(a.at_ms <= b.at_ms for a, b in itertools.pairwise(chunks))
+
+
+async def test_content_is_only_the_text_event(recorder: Recorder) -> None:
+    session = await run_stream(
+        recorder, ["a", "{\"tool\":1}", "b"], events=["token", "tool", "token"], text_event="token"
+    )
+    await recorder.flush()
+    record = await recorder.get(session.id)
+    assert record is not None
+    assert record.content == "ab"
+    assert record.chunk_count == 3
+    assert [c.event for c in await recorder.chunks(session.id)] == ["token", "tool", "token"]
+
+
+async def test_failed_stream_keeps_error_and_partial_content(recorder: Recorder) -> None:
+    session = await run_stream(recorder, ["part", "ial"], Ending.RAISED)
+    await recorder.flush()
+    record = await recorder.get(session.id)
+    assert record is not None
+    assert record.status is StreamStatus.FAILED
+    assert record.error == "RuntimeError: boom"
+    assert record.content == "partial"
+
+
+async def test_chunks_after_is_strictly_greater_and_ordered(recorder: Recorder) -> None:
+    session = await run_stream(recorder, [f"c{i}" for i in range(1, 11)])
+    await recorder.flush()
+    for after in (0, 1, 5, 9, 10, 11):
+        got = await recorder.chunks(session.id, after=after)
+        assert [c.seq for c in got] == list(range(after + 1, 11))
+        assert [c.data for c in got] == [f"c{i}" for i in range(after + 1, 11)]
+    assert await recorder.chunks("no-such-stream") == []
+    assert await recorder.get("no-such-stream") is None
+
+
+async def test_list_streams_newest_first_with_status_and_limit(recorder: Recorder) -> None:
+    made: list[tuple[str, StreamStatus]] = []
+    plan = [Ending.EXHAUSTED, Ending.RAISED, Ending.EXHAUSTED, Ending.CLIENT_LEFT, Ending.EXHAUSTED]
+    for ending in plan:
+        session = await run_stream(recorder, ["x"], ending)
+        made.append((session.id, session.status))
+        await anyio.sleep(0.002)  # distinct creation times
+    open_session = StreamSession(recorder)
+    open_session.begin()
+    await recorder.flush()
+    newest_first = [open_session.id] + [sid for sid, _ in reversed(made)]
+
+    assert [r.id for r in await recorder.list_streams()] == newest_first
+    assert [r.id for r in await recorder.list_streams(limit=2)] == newest_first[:2]
+    completed = [sid for sid, st in reversed(made) if st is StreamStatus.COMPLETED]
+    assert [r.id for r in await recorder.list_streams(status=StreamStatus.COMPLETED)] == completed
+    assert [r.id for r in await recorder.list_streams(status="completed", limit=1)] == completed[:1]
+    assert [r.id for r in await recorder.list_streams(status="cancelled")] == [made[3][0]]
+    assert [r.id for r in await recorder.list_streams(status=StreamStatus.STREAMING)] == [open_session.id]
+    assert all(r.status is StreamStatus.FAILED for r in await recorder.list_streams(status="failed"))
+    open_session.end(Ending.EXHAUSTED)
+
+
+async def test_streaming_record_shows_what_is_written_so_far(recorder: Recorder) -> None:
+    session = StreamSession(recorder)
+    session.begin()
+    for text in ["a", "b"]:
+        await session.record(session.chunk(text))
+    await recorder.flush()
+    record = await recorder.get(session.id)
+    assert record is not None
+    assert record.status is StreamStatus.STREAMING
+    assert (record.content, record.chunk_count, record.completed_at) == ("ab", 2, None)
+    session.end(Ending.EXHAUSTED)
+
+
+async def test_flush_makes_everything_durable(kind: str, tmp_path: Path) -> None:
+    # a long interval and a big batch: only flush() can have written it
+    rec = make(kind, tmp_path, flush_interval=60, batch_size=100_000)
+    async with rec:
+        session = await run_stream(rec, [str(i) for i in range(100)])
+        with anyio.fail_after(5):
+            await rec.flush()
+        assert rec.stats["pending"] == 0
+        record = await rec.get(session.id)
+        assert record is not None and record.status is StreamStatus.COMPLETED and record.chunk_count == 100
+        if kind == "sqlite":  # visible to any other connection, i.e. committed
+            with sqlite3.connect(tmp_path / "streams.db") as con:
+                assert con.execute("SELECT count(*) FROM chunks WHERE stream_id = ?", (session.id,)).fetchone() == (
+                    100,
+                )
+                assert con.execute("SELECT status FROM streams WHERE id = ?", (session.id,)).fetchone() == (
+                    "completed",
+                )
+
+
+async def test_flush_on_a_recorder_never_opened_raises(kind: str, tmp_path: Path) -> None:
+    rec = make(kind, tmp_path)
+    StreamSession(rec).begin()
+    with pytest.raises(RecorderError, match="open"), anyio.fail_after(5):
+        await rec.flush()
+
+
+# -- SQLite specifics ---------------------------------------------------------------------------------
+
+
+async def test_sqlite_survives_close_and_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "db" / "streams.db"  # the directory is created too
+    async with SQLiteRecorder(path) as first:
+        session = await run_stream(first, ["dur", "able"], metadata={"user": "u1"})
+    async with SQLiteRecorder(path) as second:
+        record = await second.get(session.id)
+        chunks = await second.chunks(session.id)
+    assert record is not None
+    assert (record.status, record.content, record.chunk_count, record.metadata["user"]) == (
+        StreamStatus.COMPLETED, "durable", 2, "u1",
+    )
+    assert [c.data for c in chunks] == ["dur", "able"]
+
+
+async def test_sqlite_uses_wal_and_sets_user_version(tmp_path: Path) -> None:
+    async with SQLiteRecorder(tmp_path / "streams.db"):
+        pass
+    with sqlite3.connect(tmp_path / "streams.db") as con:
+        assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert con.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION >= 1
+
+
+async def test_sqlite_refuses_a_newer_schema(tmp_path: Path) -> None:
+    path = tmp_path / "streams.db"
+    with sqlite3.connect(path) as con:
+        con.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    rec = SQLiteRecorder(path)
+    with pytest.raises(RuntimeError, match=rf"schema version {SCHEMA_VERSION + 1}.*newer") as info:
+        await rec.open()
+    assert str(path) in str(info.value)
+
+
+async def test_sqlite_rejects_in_memory_database() -> None:
+    with pytest.raises(ValueError, match="MemoryRecorder"):
+        SQLiteRecorder(":memory:")
+
+
+# -- concurrency ----------------------------------------------------------------------------------------
+
+
+async def test_many_concurrent_streams_lose_and_duplicate_nothing(kind: str, tmp_path: Path) -> None:
+    n_streams, n_chunks = 50, 200
+    rec = make(kind, tmp_path, batch_size=500)
+    ids: list[str] = []
+
+    async def one(k: int) -> None:
+        session = StreamSession(rec, metadata={"k": k})
+        ids.append(session.id)
+        session.begin()
+        for i in range(n_chunks):
+            await session.record(session.chunk(f"{k}:{i};"))
+            if i % 7 == 0:
+                await anyio.lowlevel.checkpoint()  # interleave with the other streams and the writer
+        session.end(Ending.EXHAUSTED)
+
+    async with rec:
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                for k in range(n_streams):
+                    tg.start_soon(one, k)
+            await rec.flush()
+        assert rec.stats["dropped"] == 0
+        for sid in ids:
+            record = await rec.get(sid)
+            assert record is not None
+            k = record.metadata["k"]
+            assert record.status is StreamStatus.COMPLETED
+            assert record.chunk_count == record.metadata["chunk_count"] == n_chunks
+            assert record.content == "".join(f"{k}:{i};" for i in range(n_chunks))
+            assert [c.seq for c in await rec.chunks(sid)] == list(range(1, n_chunks + 1))
+        assert len(await rec.list_streams(limit=1000)) == n_streams
+    if kind == "sqlite":
+        with sqlite3.connect(tmp_path / "streams.db") as con:
+            assert con.execute("SELECT count(*) FROM chunks").fetchone() == (n_streams * n_chunks,)
+
+
+# -- backpressure ---------------------------------------------------------------------------------------------
+
+
+class Gated:
+    """Mixin: ``write`` waits at a gate until the test opens it."""
+
+    gate: anyio.Event
+    entered: anyio.Event
+
+    def arm(self) -> None:
+        self.gate, self.entered = anyio.Event(), anyio.Event()
+
+    async def write(self, batch: Batch) -> None:
+        self.entered.set()
+        await self.gate.wait()
+        await super().write(batch)  # type: ignore[misc]
+
+
+class GatedMemory(Gated, MemoryRecorder):
+    pass
+
+
+class GatedSQLite(Gated, SQLiteRecorder):
+    pass
+
+
+def gated(kind: str, tmp_path: Path, **options: Any) -> Any:
+    rec = make(kind, tmp_path, GatedMemory if kind == "memory" else GatedSQLite, **options)
+    rec.arm()
+    return rec
+
+
+async def test_full_queue_with_max_wait_none_slows_the_generator_and_loses_nothing(
+    kind: str, tmp_path: Path
+) -> None:
+    rec = gated(kind, tmp_path, max_pending=5, max_wait=None, flush_interval=0.01)
+    produced = 0
+    total = 40
+
+    async def generate(session: StreamSession) -> None:
+        nonlocal produced
+        for i in range(total):
+            await session.record(session.chunk(f"t{i} "))
+            produced += 1
+        session.end(Ending.EXHAUSTED)
+
+    async with rec:
+        session = StreamSession(rec)
+        session.begin()
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(generate, session)
+                await rec.entered.wait()  # the first batch is stuck in the database
+                await anyio.sleep(0.2)
+                assert produced < total, "appends did not wait for room in the full queue"
+                stuck_at = produced
+                await anyio.sleep(0.1)
+                assert produced == stuck_at  # still waiting, not dropping
+                rec.gate.set()
+            await rec.flush()
+        record = await rec.get(session.id)
+    assert record is not None
+    assert record.status is StreamStatus.COMPLETED
+    assert record.chunk_count == total
+    assert record.content == "".join(f"t{i} " for i in range(total))
+    assert "dropped_chunks" not in record.metadata
+    assert rec.stats["dropped"] == 0
+
+
+async def test_full_queue_with_max_wait_zero_drops_and_counts(
+    kind: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    rec = gated(kind, tmp_path, max_pending=5, max_wait=0, flush_interval=0.01)
+    total = 30
+    async with rec:
+        session = StreamSession(rec)
+        session.begin()
+        with anyio.fail_after(10):
+            await rec.entered.wait()  # the start is stuck in the database: the queue fills
+            with caplog.at_level(logging.ERROR, logger="asgi_stream_recorder"):
+                for i in range(total):
+                    await session.record(session.chunk(f"{i},"))
+            session.end(Ending.EXHAUSTED)
+            rec.gate.set()
+            await rec.flush()
+        record = await rec.get(session.id)
+        stored = await rec.chunks(session.id)
+    assert record is not None
+    dropped = total - len(stored)
+    assert 0 < dropped < total
+    assert record.status is StreamStatus.COMPLETED
+    assert record.metadata["dropped_chunks"] == dropped == rec.stats["dropped"]
+    assert record.metadata["chunk_count"] == record.chunk_count == len(stored)
+    # what was kept is a prefix, in order, with the seqs the client saw
+    assert [c.seq for c in stored] == list(range(1, len(stored) + 1))
+    drop_logs = [r for r in caplog.records if r.levelno == logging.ERROR and "dropped chunk" in r.getMessage()]
+    assert len(drop_logs) == dropped
+    assert session.id in drop_logs[0].getMessage()
+
+
+# -- a failing database ------------------------------------------------------------------------------------------
+
+
+class Flaky:
+    """Mixin: the first ``failures`` writes raise, before (or after) really writing."""
+
+    failures = 3
+    after_commit = False
+    calls = 0
+
+    async def write(self, batch: Batch) -> None:
+        self.calls += 1
+        if self.after_commit and self.calls <= self.failures:
+            await super().write(batch)  # type: ignore[misc]
+        if self.calls <= self.failures:
+            raise sqlite3.OperationalError("database is locked")
+        await super().write(batch)  # type: ignore[misc]
+
+
+class FlakyMemory(Flaky, MemoryRecorder):
+    pass
+
+
+class FlakySQLite(Flaky, SQLiteRecorder):
+    pass
+
+
+@pytest.mark.parametrize("after_commit", [False, True], ids=["fails-before", "fails-after-commit"])
+async def test_failed_writes_are_retried_until_everything_is_written(
+    kind: str, tmp_path: Path, after_commit: bool
+) -> None:
+    rec: Any = make(kind, tmp_path, FlakyMemory if kind == "memory" else FlakySQLite, flush_interval=0.01)
+    rec.after_commit = after_commit
+    async with rec:
+        with anyio.fail_after(10):
+            session = await run_stream(rec, [f"w{i}" for i in range(20)])
+            await rec.flush()
+        record = await rec.get(session.id)
+        chunks = await rec.chunks(session.id)
+        stats = rec.stats
+    assert stats["write_failures"] == 3
+    assert "database is locked" in stats["last_error"]
+    assert stats["pending"] == 0 and stats["lost"] == 0
+    assert record is not None and record.status is StreamStatus.COMPLETED
+    assert [c.seq for c in chunks] == list(range(1, 21))  # nothing lost, nothing doubled
+    assert record.content == "".join(f"w{i}" for i in range(20))
+    assert record.chunk_count == 20
+
+
+class Broken:
+    async def write(self, batch: Batch) -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+
+class BrokenMemory(Broken, MemoryRecorder):
+    pass
+
+
+class BrokenSQLite(Broken, SQLiteRecorder):
+    pass
+
+
+async def test_close_on_a_broken_database_says_how_much_was_lost(kind: str, tmp_path: Path) -> None:
+    rec = make(kind, tmp_path, BrokenMemory if kind == "memory" else BrokenSQLite, flush_interval=0.01)
+    await rec.open()
+    await run_stream(rec, ["a", "b", "c", "d"])  # 1 start + 4 chunks + 1 end
+    await anyio.sleep(0.05)
+    with anyio.fail_after(5), pytest.raises(RecorderError, match=r"^6 queued records could not be written") as info:
+        await rec.close(timeout=0.3)
+    assert "disk I/O error" in str(info.value)
+    assert isinstance(info.value.__cause__, sqlite3.OperationalError)
+    assert rec.stats["lost"] == 6
+
+
+# -- crash recovery ------------------------------------------------------------------------------------------------
+
+
+async def test_recover_marks_orphans_interrupted_keeping_their_chunks(recorder: Recorder) -> None:
+    finished = await run_stream(recorder, ["done"])
+    orphan = StreamSession(recorder, metadata={"user": "u"})
+    orphan.begin()
+    for text in ["half ", "way"]:
+        await orphan.record(orphan.chunk(text))
+    await recorder.flush()
+
+    owners: list[str] = []
+
+    def nobody(owner: str) -> bool:
+        owners.append(owner)
+        return False
+
+    assert await recorder.recover(nobody) == 0
+    assert owners == [process_owner()]  # only the streaming one is asked about, with its owner
+    record = await recorder.get(orphan.id)
+    assert record is not None and record.status is StreamStatus.STREAMING
+
+    is_orphan: Callable[[str], bool] = lambda owner: owner == process_owner()  # noqa: E731
+    assert await recorder.recover(is_orphan) == 1
+    record = await recorder.get(orphan.id)
+    assert record is not None
+    assert record.status is StreamStatus.INTERRUPTED
+    assert record.error and "mid-stream" in record.error
+    assert record.completed_at is not None
+    assert (record.content, record.chunk_count) == ("half way", 2)
+    assert record.metadata["recovered"] is True and record.metadata["user"] == "u"
+    assert [c.data for c in await recorder.chunks(orphan.id)] == ["half ", "way"]
+    done = await recorder.get(finished.id)
+    assert done is not None and done.status is StreamStatus.COMPLETED and "recovered" not in done.metadata
+    assert await recorder.recover(is_orphan) == 0  # already recovered
+
+
+async def test_recovered_stream_stays_recovered_across_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "streams.db"
+    async with SQLiteRecorder(path) as rec:
+        orphan = StreamSession(rec)
+        orphan.begin()
+        await orphan.record(orphan.chunk("lost?"))
+    async with SQLiteRecorder(path) as rec:
+        assert await rec.recover(lambda owner: True) == 1
+    async with SQLiteRecorder(path) as rec:
+        record = await rec.get(orphan.id)
+    assert record is not None
+    assert (record.status, record.content, record.chunk_count) == (StreamStatus.INTERRUPTED, "lost?", 1)
