@@ -4,14 +4,14 @@ fetch streaming) and the list of recent recorded streams."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Query
 from fastapi.responses import HTMLResponse
 from pydantic import BaseModel, Field
 
 from asgi_stream_recorder import SQLiteRecorder, recorded_stream
+from asgi_stream_recorder.middleware import StreamRecorderMiddleware
 
 from ..common import Settings, chat_page, generate, stream_json
 
@@ -31,14 +31,9 @@ def create_app(*, db_path: str | None = None, token_delay: float | None = None) 
     if token_delay is not None:
         settings.token_delay = token_delay
     recorder = SQLiteRecorder(settings.db_path)
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # TODO(issue 4): app.add_middleware(StreamRecorderMiddleware, recorder=recorder) once it lands
-        async with recorder:
-            yield
-
-    app = FastAPI(title="asgi_stream_recorder chat (FastAPI)", lifespan=lifespan)
+    app = FastAPI(title="asgi_stream_recorder chat (FastAPI)")
+    # Opens the recorder at startup and drains it at shutdown; decorated streams record into it.
+    app.add_middleware(StreamRecorderMiddleware, recorder=recorder)
     page = chat_page("FastAPI")
 
     @app.get("/", response_class=HTMLResponse)
@@ -46,23 +41,26 @@ def create_app(*, db_path: str | None = None, token_delay: float | None = None) 
         return page
 
     @app.get("/api/chat")
-    @recorded_stream(recorder=recorder)
-    async def chat_get(prompt: str, max_tokens: int | None = None) -> AsyncIterator[str]:
+    @recorded_stream
+    async def chat_get(
+        prompt: Annotated[str, Query(min_length=1, max_length=4000)],
+        max_tokens: int | None = None,
+    ) -> AsyncIterator[str]:
         """For EventSource: ``GET /api/chat?prompt=...``."""
         async for token in generate(prompt, settings=settings, max_tokens=max_tokens):
             yield token
 
     @app.post("/api/chat")
-    @recorded_stream(recorder=recorder)
+    @recorded_stream
     async def chat_post(body: ChatRequest) -> AsyncIterator[str]:
         """For fetch streaming: ``POST /api/chat`` with ``{"prompt": ..., "max_tokens": ...}``."""
         async for token in generate(body.prompt, settings=settings, max_tokens=body.max_tokens):
             yield token
 
     @app.get("/api/streams")
-    async def streams(limit: int = 10) -> dict[str, Any]:
+    async def streams(limit: Annotated[int, Query(ge=1, le=100)] = 10) -> dict[str, Any]:
         await recorder.flush()  # include what is still queued for the database
-        records = await recorder.list_streams(limit=max(1, min(limit, 100)))
+        records = await recorder.list_streams(limit=limit)
         return {"source": settings.source, "streams": [stream_json(r) for r in records]}
 
     return app

@@ -6,11 +6,15 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 from litestar import Litestar, MediaType, get, post
+from litestar.enums import RequestEncodingType
+from litestar.middleware import DefineMiddleware
+from litestar.params import Body, Parameter
 
 from asgi_stream_recorder import SQLiteRecorder, recorded_stream
+from asgi_stream_recorder.middleware import StreamRecorderMiddleware
 
 from ..common import Settings, chat_page, generate, stream_json
 
@@ -34,7 +38,8 @@ def create_app(*, db_path: str | None = None, token_delay: float | None = None) 
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        # TODO(issue 4): DefineMiddleware(StreamRecorderMiddleware, recorder=recorder) once it lands
+        # TODO(issue 4): Litestar does not pass the ASGI lifespan through its middleware, so
+        # StreamRecorderMiddleware cannot open and drain the recorder here: do it ourselves.
         async with recorder:
             yield
 
@@ -45,23 +50,30 @@ def create_app(*, db_path: str | None = None, token_delay: float | None = None) 
         return page
 
     @get("/api/chat")
-    @recorded_stream(recorder=recorder)
-    async def chat_get(prompt: str, max_tokens: int | None = None) -> AsyncIterator[str]:
+    @recorded_stream
+    async def chat_get(
+        prompt: Annotated[str, Parameter(description="what to ask", min_length=1, max_length=4000)],
+        max_tokens: Annotated[int | None, Parameter(description="at most this many tokens")] = None,
+    ) -> AsyncIterator[str]:
         """For EventSource: ``GET /api/chat?prompt=...``."""
         async for token in generate(prompt, settings=settings, max_tokens=max_tokens):
             yield token
 
     @post("/api/chat")
-    @recorded_stream(recorder=recorder)
-    async def chat_post(data: ChatRequest) -> AsyncIterator[str]:
+    @recorded_stream
+    async def chat_post(data: Annotated[ChatRequest, Body(media_type=RequestEncodingType.JSON)]) -> AsyncIterator[str]:
         """For fetch streaming: ``POST /api/chat`` with ``{"prompt": ..., "max_tokens": ...}``."""
         async for token in generate(data.prompt, settings=settings, max_tokens=data.max_tokens):
             yield token
 
     @get("/api/streams")
-    async def streams(limit: int = 10) -> dict[str, Any]:
+    async def streams(limit: Annotated[int, Parameter(description="how many", ge=1, le=100)] = 10) -> dict[str, Any]:
         await recorder.flush()  # include what is still queued for the database
-        records = await recorder.list_streams(limit=max(1, min(limit, 100)))
+        records = await recorder.list_streams(limit=limit)
         return {"source": settings.source, "streams": [stream_json(r) for r in records]}
 
-    return Litestar(route_handlers=[index, chat_get, chat_post, streams], lifespan=[lifespan])
+    return Litestar(
+        route_handlers=[index, chat_get, chat_post, streams],
+        middleware=[DefineMiddleware(StreamRecorderMiddleware, recorder=recorder)],
+        lifespan=[lifespan],
+    )
