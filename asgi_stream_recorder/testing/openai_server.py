@@ -126,7 +126,8 @@ class FakeOpenAI:
         prompt = given.get("prompt_tokens")
         if prompt is None:
             prompt = len(_words(body.get("messages", body.get("input", ""))) if isinstance(body, dict) else [])
-        completion = given.get("completion_tokens", len(self.token_list) + sum(len(t.chunks()) for t in self.tool_calls))
+        sent = len(self.token_list) + sum(len(t.chunks()) for t in self.tool_calls)
+        completion = given.get("completion_tokens", sent)
         return {"prompt_tokens": prompt, "completion_tokens": completion,
                 "total_tokens": given.get("total_tokens", prompt + completion)}
 

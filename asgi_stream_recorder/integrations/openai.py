@@ -1,0 +1,310 @@
+"""OpenAI streams in, OpenAI-compatible streams out.
+
+In: :func:`openai_text` turns the stream of ``client.chat.completions.create(...,
+stream=True)`` or of ``client.responses.create(..., stream=True)`` into the text to
+send, and puts ``model``, ``finish_reason``, ``usage``, ``response_id``,
+``system_fingerprint`` (and, for the Responses API, ``status``) into the recorded
+stream's metadata::
+
+    @recorded_stream
+    async def chat(request):
+        stream = await client.chat.completions.create(model=..., messages=..., stream=True,
+                                                      stream_options={"include_usage": True})
+        async for text in openai_text(stream):
+            yield text
+
+Tool-call deltas come out as ``ServerSentEvent(<delta as JSON>, event="tool_call")``, so
+they are recorded as their own events and stay out of the record's text. A provider
+error mid-stream (an ``openai.APIError``, a dropped connection, a Responses ``error``
+or ``response.failed`` event) propagates: the stream is recorded ``failed`` with its
+partial text, and the client gets the response's safe ``event: error``.
+
+Out: :class:`OpenAIFormat` (``format="openai"`` on the decorator or the response) sends
+every recorded text chunk as a ``chat.completion.chunk`` and ends with ``data: [DONE]``,
+so any OpenAI client can consume the endpoint.
+
+``openai`` itself is optional: nothing here imports it at run time.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Mapping
+from typing import Any
+
+from ..recorders.base import Chunk
+from ..response import WireFormat
+from ..session import StreamSession, current_stream
+from ..sse import ServerSentEvent, encode, encode_data
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "REFUSAL_EVENT",
+    "TOOL_CALL_EVENT",
+    "OpenAIFormat",
+    "ProviderStreamError",
+    "openai_text",
+]
+
+#: Event name of recorded tool-call deltas (chat ``delta.tool_calls[i]`` shape, as JSON).
+TOOL_CALL_EVENT = "tool_call"
+#: Event name of recorded refusal text.
+REFUSAL_EVENT = "refusal"
+#: The model named in ``OpenAIFormat`` chunks when the stream's metadata names none.
+DEFAULT_MODEL = "asgi-stream-recorder"
+
+
+class ProviderStreamError(RuntimeError):
+    """The provider reported a failure inside the stream (Responses ``error`` / ``response.failed``)."""
+
+
+# -- in ----------------------------------------------------------------------------------------
+async def openai_text(
+    stream: AsyncIterable[Any] | Awaitable[AsyncIterable[Any]],
+) -> AsyncIterator[str | ServerSentEvent]:
+    """Yield the text of an OpenAI stream, recording its metadata on the current stream.
+
+    ``stream`` is what ``await client.chat.completions.create(..., stream=True)`` or
+    ``await client.responses.create(..., stream=True)`` returns (the API is told apart
+    per event), or that call's un-awaited coroutine. Items may also be plain dicts of
+    the same shapes. Outside a recorded stream it only yields.
+    """
+    if inspect.isawaitable(stream):
+        stream = await stream
+    try:
+        metadata: dict[str, Any] = current_stream().metadata
+    except LookupError:
+        metadata = {}
+    state = _State(metadata)
+    async for item in stream:
+        data = _as_dict(item)
+        type_ = data.get("type")
+        if isinstance(type_, str) and ("choices" not in data):
+            for out in state.response_event(type_, data):
+                yield out
+        else:
+            for out in state.chat_chunk(data):
+                yield out
+
+
+def _as_dict(item: Any) -> dict[str, Any]:
+    if isinstance(item, Mapping):
+        return dict(item)
+    dump = getattr(item, "model_dump", None)
+    if dump is None:
+        raise TypeError(f"openai_text() expects OpenAI stream events, got {type(item).__name__}")
+    result: dict[str, Any] = dump(exclude_none=True, warnings=False)
+    return result
+
+
+def _chat_usage(usage: Any) -> dict[str, int] | None:
+    """Usage in the chat shape (prompt/completion/total tokens) from either API's shape."""
+    if not isinstance(usage, Mapping):
+        return None
+    prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
+    completion = usage.get("completion_tokens", usage.get("output_tokens"))
+    if not isinstance(prompt, int) or not isinstance(completion, int):
+        return None
+    total = usage.get("total_tokens")
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": total if isinstance(total, int) else prompt + completion}
+
+
+class _State:
+    """What one adapted stream remembers: the metadata sink and the Responses tool-call indexes."""
+
+    __slots__ = ("metadata", "tool_index", "tool_count", "saw_tool_call")
+
+    def __init__(self, metadata: dict[str, Any]) -> None:
+        self.metadata = metadata
+        self.tool_index: dict[Any, int] = {}  # Responses item id / ("output", index) -> chat tool index
+        self.tool_count = 0
+        self.saw_tool_call = False
+
+    def chat_chunk(self, chunk: dict[str, Any]) -> list[str | ServerSentEvent]:
+        meta = self.metadata
+        meta["openai_api"] = "chat.completions"
+        for key, name in (("model", "model"), ("id", "response_id"), ("system_fingerprint", "system_fingerprint"),
+                          ("service_tier", "service_tier")):
+            value = chunk.get(key)
+            if value is not None:
+                meta[name] = value
+        usage = _chat_usage(chunk.get("usage"))
+        if usage is not None:
+            meta["usage"] = usage
+        out: list[str | ServerSentEvent] = []
+        for choice in chunk.get("choices") or ():
+            index = choice.get("index", 0)
+            delta = choice.get("delta") or {}
+            content = delta.get("content")
+            if index == 0:
+                if content:
+                    out.append(content)
+                if delta.get("refusal"):
+                    out.append(ServerSentEvent(delta["refusal"], event=REFUSAL_EVENT))
+                for call in delta.get("tool_calls") or ():
+                    out.append(ServerSentEvent(call, event=TOOL_CALL_EVENT))
+                if delta.get("function_call"):  # the deprecated single function call
+                    out.append(ServerSentEvent({"index": 0, "type": "function", "function": delta["function_call"]},
+                                               event=TOOL_CALL_EVENT))
+                if choice.get("finish_reason"):
+                    meta["finish_reason"] = choice["finish_reason"]
+            elif content:  # n > 1: further choices are kept, as their own events
+                out.append(ServerSentEvent({"index": index, "content": content}, event="choice"))
+        return out
+
+    def response_event(self, type_: str, event: dict[str, Any]) -> list[str | ServerSentEvent]:
+        meta = self.metadata
+        if type_ == "response.output_text.delta":
+            delta = event.get("delta")
+            return [delta] if delta else []
+        meta["openai_api"] = "responses"
+        if type_ == "response.refusal.delta":
+            return [ServerSentEvent(event["delta"], event=REFUSAL_EVENT)] if event.get("delta") else []
+        if type_ == "response.output_item.added":
+            item = event.get("item") or {}
+            if item.get("type") != "function_call":
+                return []
+            index = self._next_tool_index(item.get("id"))
+            self.tool_index[("output", event.get("output_index"))] = index
+            return [ServerSentEvent({"index": index, "id": item.get("call_id") or item.get("id"), "type": "function",
+                                     "function": {"name": item.get("name", ""),
+                                                  "arguments": item.get("arguments") or ""}},
+                                    event=TOOL_CALL_EVENT)]
+        if type_ == "response.function_call_arguments.delta":
+            by_position = self.tool_index.get(("output", event.get("output_index")))
+            known = self.tool_index.get(event.get("item_id"), by_position)
+            # arguments for a call we were not told about get the next index
+            index = known if known is not None else self._next_tool_index(event.get("item_id"))
+            return [ServerSentEvent({"index": index, "function": {"arguments": event.get("delta", "")}},
+                                    event=TOOL_CALL_EVENT)]
+        if type_ == "error":
+            code, message = event.get("code"), event.get("message") or "the provider reported an error"
+            raise ProviderStreamError(f"{code}: {message}" if code else message)
+        response = event.get("response")
+        if isinstance(response, Mapping):
+            self._response(response)
+            if type_ == "response.failed":
+                error = response.get("error") or {}
+                message = error.get("message") if isinstance(error, Mapping) else None
+                raise ProviderStreamError(message or "the provider reported the response as failed")
+        return []
+
+    def _next_tool_index(self, item_id: Any) -> int:
+        index = self.tool_index.get(item_id)
+        if index is None:
+            index = self.tool_index[item_id] = self.tool_count
+            self.tool_count += 1
+        self.saw_tool_call = True
+        return index
+
+    def _response(self, response: Mapping[str, Any]) -> None:
+        meta = self.metadata
+        for key, name in (("model", "model"), ("id", "response_id"), ("status", "status"),
+                          ("service_tier", "service_tier")):
+            value = response.get(key)
+            if value is not None:
+                meta[name] = value
+        usage = _chat_usage(response.get("usage"))
+        if usage is not None:
+            meta["usage"] = usage
+        status = response.get("status")
+        if status == "completed":
+            meta["finish_reason"] = "tool_calls" if self.saw_tool_call else "stop"
+        elif status == "incomplete":
+            details = response.get("incomplete_details") or {}
+            reason = details.get("reason") if isinstance(details, Mapping) else None
+            meta["finish_reason"] = "content_filter" if reason == "content_filter" else "length"
+
+
+# -- out ---------------------------------------------------------------------------------------
+class OpenAIFormat(WireFormat):
+    """``chat.completion.chunk`` events and ``data: [DONE]``: the stream as OpenAI would send it.
+
+    Each recorded text chunk becomes ``{"choices": [{"delta": {"content": ...}}]}``
+    (the first chunk also carries ``"role": "assistant"``), with the ``id: <seq>`` line
+    kept for resume; ``tool_call`` events become ``delta.tool_calls`` and ``refusal``
+    events ``delta.refusal``; other events are recorded but not sent. The model is the
+    stream's ``metadata["model"]`` (default ``"asgi-stream-recorder"``).
+
+    At the end: a chunk with ``finish_reason`` (``metadata["finish_reason"]``, default
+    ``"stop"``), then, when ``metadata["usage"]`` is known, the usage. With
+    ``separate_usage_chunk`` (the default) usage comes in its own last chunk with empty
+    ``choices``, as OpenAI sends it for ``stream_options={"include_usage": True}``;
+    set it False to put usage on the finish chunk instead, for clients that index
+    ``choices[0]`` on every chunk. A failed stream ends with an OpenAI error object
+    (``event: error``) that OpenAI clients raise as an ``APIError``; its message is
+    fixed, never the exception's text.
+    """
+
+    def __init__(self, *, separate_usage_chunk: bool = True, error_message: str = "stream failed") -> None:
+        self.separate_usage_chunk = separate_usage_chunk
+        self.error_message = error_message
+
+    def _base(self, session: StreamSession) -> dict[str, Any]:
+        meta = session.metadata
+        created = getattr(session, "_created", None) or time.time()
+        chunk: dict[str, Any] = {
+            "id": f"chatcmpl-{session.id}",
+            "object": "chat.completion.chunk",
+            "created": int(created),
+            "model": str(meta.get("model") or DEFAULT_MODEL),
+        }
+        if meta.get("system_fingerprint"):
+            chunk["system_fingerprint"] = str(meta["system_fingerprint"])
+        return chunk
+
+    def _json(self, session: StreamSession, delta: dict[str, Any], *, seq: int | None,
+              finish_reason: str | None = None, usage: dict[str, int] | None = None) -> bytes:
+        if seq == 1 or (seq is None and session.seq == 0):
+            delta = {"role": "assistant", **delta}
+        chunk = self._base(session)
+        chunk["choices"] = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
+        if usage is not None:
+            chunk["usage"] = usage
+        text = json.dumps(chunk, ensure_ascii=False, separators=(",", ":"))
+        return encode_data(text, None if seq is None else str(seq))
+
+    def chunk(self, session: StreamSession, chunk: Chunk, extra: ServerSentEvent | None) -> bytes:
+        event = chunk.event
+        if event == session.text_event:
+            delta: dict[str, Any] = {"content": chunk.data}
+        elif event == TOOL_CALL_EVENT:
+            try:
+                call = json.loads(chunk.data)
+            except ValueError:
+                return b""
+            if not isinstance(call, dict):
+                return b""
+            call.setdefault("index", 0)
+            delta = {"tool_calls": [call]}
+        elif event == REFUSAL_EVENT:
+            delta = {"refusal": chunk.data}
+        else:
+            return b""
+        body = self._json(session, delta, seq=chunk.seq)
+        if extra is not None and extra.comment is not None:
+            body = encode(ServerSentEvent(comment=extra.comment)) + body
+        return body
+
+    def end(self, session: StreamSession) -> bytes:
+        meta = session.metadata
+        finish_reason = str(meta.get("finish_reason") or "stop")
+        usage = _chat_usage(meta.get("usage"))
+        if usage is None or self.separate_usage_chunk:
+            body = self._json(session, {}, seq=None, finish_reason=finish_reason)
+        else:
+            body = self._json(session, {}, seq=None, finish_reason=finish_reason, usage=usage)
+        if usage is not None and self.separate_usage_chunk:
+            last = self._base(session)
+            last["choices"] = []
+            last["usage"] = usage
+            body += encode_data(json.dumps(last, ensure_ascii=False, separators=(",", ":")))
+        return body + b"data: [DONE]\n\n"
+
+    def error(self, session: StreamSession) -> bytes:
+        payload = {"error": {"message": self.error_message, "type": "server_error", "param": None,
+                             "code": "stream_failed", "stream_id": session.id}}
+        return encode_data(json.dumps(payload, separators=(",", ":")), event="error")
