@@ -47,6 +47,21 @@ def _describe(record: StreamRecord) -> str:
     )
 
 
+def _short(items: list[str], limit: int = 10) -> str:
+    if len(items) <= limit:
+        return repr(items)
+    return repr(items[:limit])[:-1] + f", … ({len(items) - limit} more)]"
+
+
+def _chunks_mismatch(stored: list[str], expected: list[str]) -> str:
+    pairs = enumerate(zip(stored, expected, strict=False))
+    at = next((i for i, (a, b) in pairs if a != b), min(len(stored), len(expected)))
+    return (
+        f"chunks differ at index {at} ({len(stored)} stored, {len(expected)} expected): "
+        f"stored {_short(stored[at:])}, expected {_short(expected[at:])}"
+    )
+
+
 async def assert_recorded(
     recorder: Recorder,
     stream_id: str | None,
@@ -85,7 +100,7 @@ async def assert_recorded(
     if chunks is not None:
         stored = [c.data for c in await recorder.chunks(stream_id)]
         if stored != list(chunks):
-            problems.append(f"chunks are {stored!r}, expected {list(chunks)!r}")
+            problems.append(_chunks_mismatch(stored, list(chunks)))
     if metadata_includes is not None:
         for key, value in metadata_includes.items():
             if key not in record.metadata:
