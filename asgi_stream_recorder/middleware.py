@@ -127,20 +127,27 @@ class StreamRecorderMiddleware:
         if not self._active and self._idle is not None:
             self._idle.set()
 
-    def try_continue(self, run: Callable[[], Coroutine[Any, Any, None]]) -> bool:
-        """Run ``run`` in the background, owned by the middleware; False if it has no room."""
+    def reserve_background(self) -> bool:
+        """Take a place for a stream to run on after its client left; False if there is none."""
         if self._background is None or self.shutting_down or self._background_count >= self.max_background:
             return False
         self._background_count += 1
+        return True
+
+    def release_background(self) -> None:
+        self._background_count -= 1
+
+    def run_background(self, run: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Run a reserved continuation in the middleware's task group; it owns the task."""
+        assert self._background is not None
 
         async def owned() -> None:
             try:
                 await run()
             finally:
-                self._background_count -= 1
+                self.release_background()
 
         self._background.start_soon(owned)
-        return True
 
     def begin_shutdown(self) -> None:
         """Stop accepting streams and end every open one now (each is recorded ``interrupted``)."""
@@ -254,10 +261,10 @@ class _WireTap(Stoppable):
                         raise
                     ending, error = Ending.RAISED, exc
                 tg.cancel_scope.cancel()
-            if self.client_gone:
-                ending = Ending.CLIENT_LEFT
-            elif self.interrupted:
+            if self.interrupted:
                 ending = Ending.INTERRUPTED
+            elif self.client_gone and (ending is Ending.INTERRUPTED or not self.ended):
+                ending = Ending.CLIENT_LEFT  # our watch cancelled the app, or it stopped early on its own
         finally:
             if self.watching:
                 with anyio.CancelScope(shield=True):
@@ -305,7 +312,9 @@ class _WireTap(Stoppable):
             return
         self.client_gone = True
         assert self.disconnected is not None
-        self.disconnected.set()
+        self.disconnected.set()  # the app may be waiting for it (Litestar waits after its last byte)
+        if self.ended:  # after the last byte a hang-up is just the end of the stream
+            return
         if self.session is not None:
             self.session.client_left()
         if self.mw.on_disconnect == "cancel" and self.scope_to_cancel is not None:

@@ -147,6 +147,8 @@ class RecordedStreamResponse(Response):
         self._source: AsyncIterator[Any] = aiter(content)
         self._client_gone = False
         self._interrupted = False
+        self._continues = on_disconnect == "continue"
+        self._reserved = False  # holds a place among the middleware's background streams
         self._last_send = 0.0
         self._scope: anyio.CancelScope | None = None
         self._middleware: Any = None
@@ -200,8 +202,7 @@ class RecordedStreamResponse(Response):
             try:
                 await send(self._start_message(scope))
             except OSError:
-                self._client_gone = True
-                session.client_left()
+                self._client_left(session)
             if not self._client_gone:
                 async with anyio.create_task_group() as tg:
                     self._scope = tg.cancel_scope
@@ -212,13 +213,14 @@ class RecordedStreamResponse(Response):
                     tg.cancel_scope.cancel()
             if ending is None:  # the client left a "continue" stream: the middleware runs the rest
                 assert middleware is not None
-                if middleware.try_continue(lambda: self._continue(session)):
-                    return
-                session.metadata["continue_refused"] = "background limit reached or shutting down"
-                ending = Ending.CLIENT_LEFT
+                middleware.run_background(lambda: self._continue(session))
+                return
             ending = self._ending(ending)
         finally:
             if ending is not None:
+                if self._reserved:
+                    assert middleware is not None
+                    middleware.release_background()
                 with anyio.CancelScope(shield=True):
                     await self._end(session, ending, error, send)
         if self.background is not None:
@@ -233,9 +235,20 @@ class RecordedStreamResponse(Response):
     def _ending(self, ending: Ending) -> Ending:
         if self._interrupted:
             return Ending.INTERRUPTED
-        if self._client_gone and (self.on_disconnect == "cancel" or ending is Ending.INTERRUPTED):
+        if self._client_gone and ending is Ending.INTERRUPTED:  # our watch cancelled the source
             return Ending.CLIENT_LEFT
         return ending
+
+    def _client_left(self, session: StreamSession) -> bool:
+        """Note the client is gone; True if the stream goes on ("continue", with room to)."""
+        self._client_gone = True
+        session.client_left()
+        if self._continues and self._middleware is not None:
+            self._reserved = self._middleware.reserve_background()
+            if not self._reserved:
+                session.metadata["continue_refused"] = "no room for background streams, or shutting down"
+                self._continues = False
+        return self._continues
 
     async def _continue(self, session: StreamSession) -> None:
         """The rest of a stream whose client left, run by the middleware: record, send nothing."""
@@ -283,12 +296,11 @@ class RecordedStreamResponse(Response):
         """
         source = self._source
         default_event = self.event
-        cancel_on_leave = self.on_disconnect == "cancel"
-        hand_off = send is not None and not cancel_on_leave and self._middleware is not None
+        hand_off = send is not None and self._middleware is not None
         wire = self.format
         custom_wire = type(wire) is not WireFormat
         while True:
-            if hand_off and self._client_gone:
+            if hand_off and self._client_gone and self._continues:
                 return None, None
             try:
                 item = await anext(source)
@@ -327,9 +339,7 @@ class RecordedStreamResponse(Response):
                 try:
                     await send({"type": "http.response.body", "body": body, "more_body": True})
                 except OSError:
-                    self._client_gone = True
-                    session.client_left()
-                    if cancel_on_leave:
+                    if not self._client_left(session):
                         return Ending.CLIENT_LEFT, None
             await session.record(chunk)
 
@@ -344,9 +354,7 @@ class RecordedStreamResponse(Response):
     async def _watch_disconnect(self, receive: Receive, scope: anyio.CancelScope, session: StreamSession) -> None:
         while (await receive())["type"] != "http.disconnect":
             pass
-        self._client_gone = True
-        session.client_left()
-        if self.on_disconnect == "cancel":
+        if not self._client_left(session):
             scope.cancel()
 
     async def _keepalive(self, send: Send, interval: float) -> None:
