@@ -21,6 +21,7 @@ import anyio
 import httpx
 import openai
 import pytest
+from httpx_sse import aconnect_sse as client_sse
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -203,6 +204,51 @@ async def test_provider_failure_mid_stream_records_failed_with_partial_text(api:
     assert payload == {"message": "stream failed", "stream_id": stream_id}  # safe: no provider text, no trace
     assert "Traceback" not in raw.decode() and FAILURE_MESSAGE not in raw.decode()
     assert_secret_absent(record, chunks, raw, fake)
+
+
+@pytest.mark.parametrize("api", ["chat", "responses"])
+async def test_client_leaving_closes_the_provider_stream(api: str) -> None:
+    fake = FakeOpenAI(tokens=[f"t{i} " for i in range(200)], delay=0.02)
+    recorder = MemoryRecorder()
+    received: list[str] = []
+    async with recorder, serve(fake) as fake_url:
+        client = provider(fake_url)
+        async with serve(in_app(recorder, client, api)) as url:
+            with anyio.fail_after(10):
+                async with httpx.AsyncClient(timeout=5) as http, client_sse(http, "GET", f"{url}/chat") as source:
+                    stream_id = source.response.headers["x-stream-id"]
+                    async for event in source.aiter_sse():
+                        received.append(event.data)
+                        if len(received) == 3:
+                            break  # hang up
+            with anyio.fail_after(5):
+                while True:
+                    if fake.disconnects:  # the proxy closed its upstream request too
+                        break
+                    await anyio.sleep(0.01)
+        await client.close()
+        record = await wait_record(recorder, stream_id)
+    assert fake.completed_streams == 0
+    assert record.status is StreamStatus.CANCELLED
+    assert record.content.startswith("".join(received)) and len(record.content) < len(fake.full_text)
+
+
+async def test_closing_the_adapter_closes_the_provider_stream() -> None:
+    class Stream:
+        closed = False
+
+        async def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
+            for token in TOKENS:
+                yield {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": token}}]}
+
+        async def close(self) -> None:
+            self.closed = True
+
+    stream = Stream()
+    texts = openai_text(stream)
+    assert await anext(texts) == TOKENS[0]
+    await texts.aclose()
+    assert stream.closed
 
 
 async def test_adapter_outside_a_recorded_stream_just_yields() -> None:

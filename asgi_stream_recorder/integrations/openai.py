@@ -31,7 +31,7 @@ from __future__ import annotations
 import inspect
 import json
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Mapping
 from typing import Any
 
 from ..recorders.base import Chunk
@@ -63,13 +63,14 @@ class ProviderStreamError(RuntimeError):
 # -- in ----------------------------------------------------------------------------------------
 async def openai_text(
     stream: AsyncIterable[Any] | Awaitable[AsyncIterable[Any]],
-) -> AsyncIterator[str | ServerSentEvent]:
+) -> AsyncGenerator[str | ServerSentEvent, None]:
     """Yield the text of an OpenAI stream, recording its metadata on the current stream.
 
     ``stream`` is what ``await client.chat.completions.create(..., stream=True)`` or
     ``await client.responses.create(..., stream=True)`` returns (the API is told apart
     per event), or that call's un-awaited coroutine. Items may also be plain dicts of
-    the same shapes. Outside a recorded stream it only yields.
+    the same shapes. Outside a recorded stream it only yields. When it is closed early
+    (the client left) it closes the provider's stream, which stops the generation.
     """
     if inspect.isawaitable(stream):
         stream = await stream
@@ -78,15 +79,28 @@ async def openai_text(
     except LookupError:
         metadata = {}
     state = _State(metadata)
-    async for item in stream:
-        data = _as_dict(item)
-        type_ = data.get("type")
-        if isinstance(type_, str) and ("choices" not in data):
-            for out in state.response_event(type_, data):
-                yield out
-        else:
-            for out in state.chat_chunk(data):
-                yield out
+    try:
+        async for item in stream:
+            data = _as_dict(item)
+            type_ = data.get("type")
+            if isinstance(type_, str) and ("choices" not in data):
+                for out in state.response_event(type_, data):
+                    yield out
+            else:
+                for out in state.chat_chunk(data):
+                    yield out
+    finally:
+        await _close(stream)
+
+
+async def _close(stream: Any) -> None:
+    """Close the provider's stream (and its HTTP response), also when our client left early."""
+    close = getattr(stream, "aclose", None) or getattr(stream, "close", None)
+    if close is None:
+        return
+    result = close()
+    if inspect.isawaitable(result):
+        await result
 
 
 def _as_dict(item: Any) -> dict[str, Any]:

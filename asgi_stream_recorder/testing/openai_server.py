@@ -83,7 +83,8 @@ class FakeOpenAI:
     ``fail_after=N`` ends the stream after N text tokens: ``failure="error"`` sends an
     OpenAI error event, ``failure="drop"`` cuts the connection mid-body. ``delay``
     sleeps between tokens. ``api_key``: when set, requests without
-    ``Authorization: Bearer <api_key>`` get a 401.
+    ``Authorization: Bearer <api_key>`` get a 401. ``completed_streams`` and
+    ``disconnects`` count streams sent to the end and streams the client left early.
     """
 
     text: str = "Hello from the fake model!"
@@ -100,6 +101,9 @@ class FakeOpenAI:
     api_key: str | None = None
     record_requests: bool = True
     requests: list[FakeRequest] = field(default_factory=list)
+    #: streams sent to their end, and streams whose client hung up before the end
+    completed_streams: int = 0
+    disconnects: int = 0
     created: int = field(default_factory=lambda: int(time.time()))
 
     def __post_init__(self) -> None:
@@ -185,16 +189,35 @@ class FakeOpenAI:
                     "headers": [(b"content-type", b"text/event-stream; charset=utf-8"),
                                 (b"cache-control", b"no-cache")]})
         events = self._chat_events(body) if chat else self._response_events(body)
-        for item in events:
-            if item is _DROP:
-                # Cut the connection mid-body: returning without the final message makes
-                # the server close the connection, which the client sees as a broken read.
-                return
-            if isinstance(item, float):
-                await anyio.sleep(item)
-                continue
-            await send({"type": "http.response.body", "body": item, "more_body": True})
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        sent_all = False
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._watch_disconnect, receive, tg.cancel_scope)
+            for item in events:
+                if item is _DROP:
+                    # Cut the connection mid-body: returning without the final message makes
+                    # the server close the connection, which the client sees as a broken read.
+                    tg.cancel_scope.cancel()
+                    return
+                if isinstance(item, float):
+                    await anyio.sleep(item)
+                    continue
+                try:
+                    await send({"type": "http.response.body", "body": item, "more_body": True})
+                except OSError:  # the client is gone
+                    self.disconnects += 1
+                    tg.cancel_scope.cancel()
+                    return
+            sent_all = True
+            tg.cancel_scope.cancel()
+        if sent_all:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            self.completed_streams += 1
+
+    async def _watch_disconnect(self, receive: Receive, scope: anyio.CancelScope) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self.disconnects += 1
+        scope.cancel()
 
     # -- chat completions ----------------------------------------------------------------------
     def _chat_chunk(self, delta: dict[str, Any], finish_reason: str | None = None,
