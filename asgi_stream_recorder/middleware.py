@@ -18,9 +18,11 @@ Mounted once around the app, it
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
+import time
 from collections.abc import Callable, Coroutine
 from types import FrameType
 from typing import Any
@@ -33,7 +35,7 @@ from .recorders import Recorder, default_recorder
 from .recorders.base import is_orphan
 from .response import SCOPE_KEY, SSE_HEADERS, going_away_event
 from .session import Ending, StreamSession
-from .sse import SSEParser
+from .sse import PING, SSEParser
 
 __all__ = ["StreamRecorderMiddleware"]
 
@@ -65,6 +67,8 @@ class StreamRecorderMiddleware:
 
     ``recorder``: the recorder (default: the process default SQLite file).
     ``record_all_sse``: also record undecorated ``text/event-stream`` responses.
+    ``ping``: seconds of silence before an undecorated event stream gets a ``: ping``
+    comment (decorated streams use their own ``ping``); None: never.
     ``on_disconnect``: for those recorded from the wire, ``"cancel"`` cancels the app when
     the client leaves (decorated streams use their own option).
     ``max_background``: how many ``on_disconnect="continue"`` streams may run on after
@@ -80,6 +84,7 @@ class StreamRecorderMiddleware:
         *,
         recorder: Recorder | None = None,
         record_all_sse: bool = False,
+        ping: float | None = 15.0,
         on_disconnect: str = "cancel",
         max_background: int = 100,
         shutdown_timeout: float = 10.0,
@@ -91,6 +96,9 @@ class StreamRecorderMiddleware:
         self.app = app
         self.recorder = recorder if recorder is not None else default_recorder()
         self.record_all_sse = record_all_sse
+        if ping is not None and ping <= 0:
+            raise ValueError(f"ping must be a positive number of seconds, or None, not {ping!r}")
+        self.ping = ping
         self.on_disconnect = on_disconnect
         self.max_background = max_background
         self.shutdown_timeout = shutdown_timeout
@@ -241,6 +249,8 @@ class _WireTap(Stoppable):
         self.disconnected: anyio.Event | None = None
         self.pending_messages: list[Message] = []
         self.tg: anyio.abc.TaskGroup | None = None
+        self.last_send = time.monotonic()
+        self.at_boundary = True  # the bytes sent so far end between events: a ping may go in
 
     def interrupt(self) -> None:
         self.interrupted = True
@@ -325,8 +335,12 @@ class _WireTap(Stoppable):
         if message["type"] == "http.response.start":
             message = self.start(message)
         elif self.watching:
+            body = message.get("body", b"")
+            if body:
+                self.last_send = time.monotonic()
+                self.at_boundary = body.endswith((b"\n\n", b"\r\n\r\n", b"\r\r"))
             if self.parser is not None:
-                await self.tap(message.get("body", b""))
+                await self.tap(body)
             if not message.get("more_body", False):
                 self.ended = True
             if self.client_gone:
@@ -357,6 +371,8 @@ class _WireTap(Stoppable):
             self.mw.track(self)
             assert self.tg is not None
             self.tg.start_soon(self.watch)
+            if self.mw.ping is not None:
+                self.tg.start_soon(self.keepalive, self.mw.ping)
             if self.mw.record_all_sse:
                 self.session = StreamSession(
                     self.state.recorder,
@@ -368,6 +384,16 @@ class _WireTap(Stoppable):
                 headers.append((b"x-stream-id", self.session.id.encode()))
                 self.session.begin()
         return {**message, "headers": headers}
+
+    async def keepalive(self, interval: float) -> None:
+        """Ping an idle undecorated stream, only between events (never inside one)."""
+        while not self.client_gone and not self.ended:
+            idle = time.monotonic() - self.last_send
+            if idle >= interval and self.at_boundary:
+                with contextlib.suppress(OSError):
+                    await self.send({"type": "http.response.body", "body": PING, "more_body": True})
+                self.last_send, idle = time.monotonic(), 0.0
+            await anyio.sleep(max(interval - idle, 0.01))
 
     async def tap(self, body: bytes) -> None:
         assert self.session is not None and self.parser is not None

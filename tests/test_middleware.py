@@ -349,3 +349,30 @@ async def test_undecorated_stream_is_cancelled_when_the_client_leaves() -> None:
         record = await settled(recorder, stream_id)
     assert record.status is StreamStatus.CANCELLED
     assert [c.data for c in await recorder.chunks(stream_id)] == received == ["t0", "t1", "t2"]
+
+
+async def test_idle_undecorated_stream_gets_pings_between_events_that_are_not_recorded() -> None:
+    recorder = MemoryRecorder()
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b"data: one\n\n"
+        await anyio.sleep(0.35)  # idle: pings go out here
+        yield b"data: two\n"  # half an event: no ping may split it
+        await anyio.sleep(0.35)
+        yield b"\n"
+
+    async def endpoint(request: Request) -> StreamingResponse:
+        return StreamingResponse(body(), media_type="text/event-stream")
+
+    app = StreamRecorderMiddleware(Starlette(routes=[Route("/s", endpoint)]), recorder=recorder,
+                                   record_all_sse=True, ping=0.1)
+    async with serve(app) as url, httpx.AsyncClient(timeout=5) as client:
+        response = await client.get(f"{url}/s")
+        stream_id = response.headers["x-stream-id"]
+        record = await settled(recorder, stream_id)
+        chunks = await recorder.chunks(stream_id)
+    wire = response.text
+    head, _, tail = wire.partition("data: two\n")
+    assert head.startswith("data: one\n\n") and head.count(": ping\n\n") >= 2
+    assert tail == "\n", "nothing may be sent inside an unfinished event"
+    assert [c.data for c in chunks] == ["one", "two"] and record.status is StreamStatus.COMPLETED
