@@ -448,7 +448,8 @@ def _loop_notifier(fn: Callable[[], None]) -> Callable[[], None]:
         token = trio.lowlevel.current_trio_token()
 
         def notify_trio() -> None:
-            token.run_sync_soon(fn)
+            with contextlib.suppress(trio.RunFinishedError):  # a handler left behind by a finished run
+                token.run_sync_soon(fn)
 
         return notify_trio
     import asyncio
@@ -456,6 +457,7 @@ def _loop_notifier(fn: Callable[[], None]) -> Callable[[], None]:
     loop = asyncio.get_running_loop()
 
     def notify_asyncio() -> None:
-        loop.call_soon_threadsafe(fn)
+        with contextlib.suppress(RuntimeError):  # a handler left behind by a closed loop
+            loop.call_soon_threadsafe(fn)
 
     return notify_asyncio

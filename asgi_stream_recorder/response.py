@@ -206,6 +206,8 @@ class RecordedStreamResponse(Response):
             if not self._client_gone:
                 async with anyio.create_task_group() as tg:
                     self._scope = tg.cancel_scope
+                    if self._interrupted:  # shutdown began before we got here
+                        tg.cancel_scope.cancel()
                     tg.start_soon(self._watch_disconnect, receive, tg.cancel_scope, session)
                     if self.ping is not None:
                         tg.start_soon(self._keepalive, send, self.ping)
