@@ -1,0 +1,1 @@
+"""Benchmarks for asgi_stream_recorder: ``python -m bench.run [--quick] [--only NAME]``."""

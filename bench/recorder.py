@@ -1,0 +1,220 @@
+"""3. Recorder write rate, and the SQLite backend's design note.
+
+* ``buffered``: chunks/s sustained into SQLite through the library's path (a ``StreamSession``
+  per stream, ``session.record`` per chunk, the buffered writer batching into the
+  ``SQLiteRecorder``), clock stopped when everything is flushed; 1 and 100 concurrent streams.
+* ``naive``: the usual chat-persistence loop, an ``INSERT`` and a ``COMMIT`` per chunk through
+  aiosqlite on one shared connection (same schema, same WAL + synchronous=NORMAL pragmas).
+* ``to_thread`` vs ``aiosqlite``: the same 2,000-chunk batches written by ``SQLiteRecorder.write``
+  (stdlib sqlite3 in an anyio worker thread, one hop per batch) and by aiosqlite on asyncio
+  (``executemany`` in one transaction).
+* ``asyncio`` vs ``trio``: the buffered path, 1 stream, on each event loop.
+
+Every run writes into a fresh database file so that no contender inherits a bigger B-tree.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+
+from asgi_stream_recorder import SQLiteRecorder
+from asgi_stream_recorder.recorders.base import Batch, Chunk
+from asgi_stream_recorder.session import StreamSession
+
+from .common import alternate, say, summary
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS chunks (
+    stream_id TEXT NOT NULL, seq INTEGER NOT NULL, data TEXT NOT NULL, event TEXT, at_ms REAL NOT NULL,
+    PRIMARY KEY (stream_id, seq)
+) WITHOUT ROWID;
+"""
+_INSERT = "INSERT OR IGNORE INTO chunks (stream_id, seq, data, event, at_ms) VALUES (?, ?, ?, ?, ?)"
+WORDS = [" the", " quick", " brown", " fox", " jumps", " over", " lazy", " dog"]
+
+
+class Scratch:
+    """A temporary directory with a fresh database path per call."""
+
+    def __init__(self) -> None:
+        self.dir = tempfile.mkdtemp(prefix="asr-bench-rec-")
+        self.n = 0
+
+    def path(self) -> str:
+        self.n += 1
+        return os.path.join(self.dir, f"r{self.n}.db")
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# -- the library's path -------------------------------------------------------------------------
+async def buffered_rate(path: str, streams: int, total: int) -> float:
+    """Chunks/s from the first ``record`` to the last chunk being durable."""
+    per = total // streams
+    recorder = SQLiteRecorder(path)
+    async with recorder:
+
+        async def one() -> None:
+            session = StreamSession(recorder, metadata={"bench": True})
+            session.begin()
+            record, chunk = session.record, session.chunk
+            for i in range(per):
+                await record(chunk(WORDS[i & 7]))
+                if not i & 63:  # tokens arrive interleaved across streams, as from a model
+                    await anyio.lowlevel.checkpoint()
+            from asgi_stream_recorder.session import Ending
+
+            session.end(Ending.EXHAUSTED)
+
+        t0 = time.perf_counter()
+        async with anyio.create_task_group() as tg:
+            for _ in range(streams):
+                tg.start_soon(one)
+        await recorder.flush()
+        dt = time.perf_counter() - t0
+        stats = recorder.stats
+    if stats["dropped"] or stats["lost"]:
+        raise AssertionError(f"recorder dropped chunks: {stats}")
+    return per * streams / dt
+
+
+# -- the naive loop -------------------------------------------------------------------------------
+async def _naive_connect(path: str) -> Any:
+    import aiosqlite
+
+    db = await aiosqlite.connect(path)
+    await db.execute("PRAGMA journal_mode=WAL")
+    await db.execute("PRAGMA synchronous=NORMAL")
+    await db.executescript(_SCHEMA)
+    await db.commit()
+    return db
+
+
+async def naive_rate(path: str, streams: int, total: int) -> float:
+    per = total // streams
+    db = await _naive_connect(path)
+    try:
+
+        async def one(k: int) -> None:
+            sid = f"stream-{k:06d}-{time.time_ns()}"
+            t0 = time.perf_counter()
+            for i in range(per):
+                await db.execute(_INSERT, (sid, i + 1, WORDS[i & 7], None, (time.perf_counter() - t0) * 1000))
+                await db.commit()
+
+        t0 = time.perf_counter()
+        async with anyio.create_task_group() as tg:
+            for k in range(streams):
+                tg.start_soon(one, k)
+        dt = time.perf_counter() - t0
+    finally:
+        await db.close()
+    return per * streams / dt
+
+
+# -- design note: one thread hop per batch vs aiosqlite -----------------------------------------
+def _batches(n_batches: int, size: int = 2000) -> list[list[Chunk]]:
+    sid = "0194a3b2c1d0" + "ab" * 10
+    return [
+        [Chunk(sid, b * size + i + 1, WORDS[i & 7], None, float(i)) for i in range(size)] for b in range(n_batches)
+    ]
+
+
+async def to_thread_rate(path: str, batches: list[list[Chunk]]) -> float:
+    recorder = SQLiteRecorder(path)
+    await recorder.connect()  # the backend only: no writer task, we call write() ourselves
+    try:
+        t0 = time.perf_counter()
+        for chunks in batches:
+            await recorder.write(Batch(chunks=chunks))
+        dt = time.perf_counter() - t0
+    finally:
+        await recorder.disconnect()
+    return sum(map(len, batches)) / dt
+
+
+async def aiosqlite_rate(path: str, batches: list[list[Chunk]]) -> float:
+    db = await _naive_connect(path)
+    try:
+        t0 = time.perf_counter()
+        for chunks in batches:
+            await db.execute("BEGIN IMMEDIATE")
+            await db.executemany(_INSERT, chunks)
+            await db.commit()
+        dt = time.perf_counter() - t0
+    finally:
+        await db.close()
+    return sum(map(len, batches)) / dt
+
+
+def main(quick: bool) -> dict[str, Any]:
+    scratch = Scratch()
+    rounds = 2 if quick else 5
+    total = 50_000 if quick else 1_000_000
+    naive_total = 1_000 if quick else 20_000
+    out: dict[str, Any] = {"rounds": rounds, "chunks_per_run": total, "naive_chunks_per_run": naive_total}
+
+    def on(backend: str, fn: Callable[..., Any], *args: Any) -> Callable[[], float]:
+        async def bounded() -> float:
+            with anyio.fail_after(300):  # every loop is bounded in time
+                return float(await fn(*args))
+
+        def go() -> float:
+            return float(anyio.run(bounded, backend=backend))
+
+        return go
+
+    try:
+        for streams in (1, 100):
+            say(f"  recorder: {streams} stream(s)")
+            samples = alternate(
+                {
+                    "buffered": lambda s=streams: on("asyncio", buffered_rate, scratch.path(), s, total)(),
+                    "naive": lambda s=streams: on("asyncio", naive_rate, scratch.path(), s, naive_total)(),
+                },
+                rounds,
+                say,
+            )
+            s = summary(samples)
+            s["ratio_buffered_to_naive"] = s["buffered"]["median"] / s["naive"]["median"]
+            out[f"streams_{streams}"] = s
+
+        say("  design note: to_thread vs aiosqlite, same batches")
+        batches = _batches(15 if quick else 250)
+        samples = alternate(
+            {
+                "to_thread": lambda: on("asyncio", to_thread_rate, scratch.path(), batches)(),
+                "aiosqlite": lambda: on("asyncio", aiosqlite_rate, scratch.path(), batches)(),
+            },
+            rounds,
+            say,
+        )
+        s = summary(samples)
+        s["ratio_to_thread_to_aiosqlite"] = s["to_thread"]["median"] / s["aiosqlite"]["median"]
+        out["batched_paths"] = s
+
+        say("  design note: asyncio vs trio, buffered path, 1 stream")
+        samples = alternate(
+            {
+                "asyncio": lambda: on("asyncio", buffered_rate, scratch.path(), 1, total)(),
+                "trio": lambda: on("trio", buffered_rate, scratch.path(), 1, total)(),
+            },
+            rounds,
+            say,
+        )
+        s = summary(samples)
+        s["ratio_trio_to_asyncio"] = s["trio"]["median"] / s["asyncio"]["median"]
+        out["event_loops"] = s
+    finally:
+        scratch.cleanup()
+    return out
+

@@ -1,0 +1,346 @@
+"""Run the benchmarks: ``python -m bench.run [--quick] [--only NAME ...]``.
+
+Prints a table of medians, ratios and targets; writes ``bench/results/latest.json`` and
+``bench/results/latest.png`` (the plot needs matplotlib: ``pip install -e '.[bench]'``).
+With ``--only``, the other families' results are kept from the previous latest.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+FAMILIES = ["inprocess", "server", "recorder", "memory", "disconnect"]
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> dict[str, Any]:
+    cpu = ""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = {}
+    for pkg in ["asgi-stream-recorder", "starlette", "fastapi", "sse-starlette", "uvicorn", "uvloop", "httptools",
+                "h11", "httpx", "anyio", "trio", "aiosqlite", "matplotlib"]:
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    import sqlite3
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, timeout=10).stdout.strip()
+    except Exception:
+        commit = ""
+    return {
+        "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+        "platform": platform.platform(), "sqlite": sqlite3.sqlite_version, "packages": versions,
+        "git_commit": commit, "load_average_at_start": os.getloadavg(),
+    }
+
+
+# -- the table --------------------------------------------------------------------------------------
+def fmt(x: float | None, unit: str = "") -> str:
+    if x is None:
+        return "n/a"
+    if unit == "/s":
+        return f"{x / 1e6:.2f}M/s" if x >= 1e6 else f"{x / 1e3:.1f}k/s"
+    if unit == "x":
+        return f"{x:.2f}x"
+    if unit == "ms":
+        return f"{x:.2f} ms"
+    if unit == "KiB":
+        return f"{x:.1f} KiB"
+    return f"{x:,.0f}"
+
+
+def rows(res: dict[str, Any]) -> tuple[list[list[str]], list[dict[str, Any]]]:
+    """(table rows, target checks) from the results."""
+    table: list[list[str]] = []
+    targets: list[dict[str, Any]] = []
+
+    def target(name: str, value: float | None, op: str, goal: float, unit: str) -> None:
+        ok = value is not None and (value >= goal if op == ">=" else value < goal)
+        targets.append({"target": f"{name} {op} {goal:g}{'' if unit == 'x' else ' ' + unit}", "measured": value,
+                        "pass": ok, "unit": unit})
+
+    ip = res.get("inprocess")
+    if ip:
+        for name, e in ip["events_per_s"].items():
+            table.append(["1 in-process", ip["labels"][name], fmt(e["median"], "/s"),
+                          f"{e['ratio_to_raw']:.3f} of raw, {e['ratio_to_sse_starlette']:.2f}x sse-starlette"])
+        target("in-process: recorded to SQLite / recording off", ip["recorded_vs_unrecorded"], ">=", 0.90, "x")
+        target("in-process: ours (SQLite) / sse-starlette",
+               ip["events_per_s"]["ours_sqlite"]["ratio_to_sse_starlette"], ">=", 3.0, "x")
+    sv = res.get("server")
+    if sv:
+        for stack in ("uvicorn-httptools-uvloop", "uvicorn-h11-asyncio"):
+            st = sv.get(stack)
+            if not st:
+                continue
+            for conc in (1, 10, 100):
+                s = st.get(f"streams_{conc}")
+                if not s:
+                    continue
+                for name, e in s.items():
+                    table.append([f"2 {stack}, {conc} stream(s)", sv["labels"][name],
+                                  f"{fmt(e['median'], '/s')} total, {fmt(e['per_stream'], '/s')} per stream",
+                                  f"{e['ratio_to_raw']:.3f} of raw, {e['ratio_to_sse_starlette']:.2f}x sse-starlette"])
+                target(f"{stack}, {conc} stream(s): ours (SQLite) / sse-starlette",
+                       s["ours_sqlite"]["ratio_to_sse_starlette"], ">=", 1.2, "x")
+        cc = sv.get("client_check")
+        if cc:
+            table.append(["2 client check", "raw endpoint read by the raw socket reader",
+                          fmt(cc["raw_reader"]["median"], "/s"), ""])
+            table.append(["2 client check", "raw endpoint read by httpx", fmt(cc["httpx"]["median"], "/s"),
+                          f"{cc['httpx']['median'] / cc['raw_reader']['median']:.2f} of the raw reader"])
+        t = sv.get("ttfb")
+        if t:
+            for name in ("raw", "ours_null", "ours_sqlite"):
+                table.append([f"4 TTFB ({t['stack']})", sv["labels"][name],
+                              f"head {fmt(t[name]['head_ms_median'], 'ms')}, first event "
+                              f"{fmt(t[name]['first_event_ms_median'], 'ms')} median",
+                              f"first event p99 {fmt(t[name]['first_event_ms_p99'], 'ms')}"])
+            table.append(["4 TTFB", "added by recording (SQLite - off), first event",
+                          f"{t['added_by_recording_ms_median']:+.3f} ms median",
+                          f"{t['added_by_recording_ms_p99']:+.3f} ms p99"])
+            target("TTFB added by recording (median)", t["added_by_recording_ms_median"], "<", 1.0, "ms")
+    rc = res.get("recorder")
+    if rc:
+        for streams in (1, 100):
+            s = rc[f"streams_{streams}"]
+            table.append([f"3 recorder, {streams} stream(s)", "buffered writer into SQLite",
+                          fmt(s["buffered"]["median"], "/s"), f"{s['ratio_buffered_to_naive']:.1f}x naive"])
+            table.append([f"3 recorder, {streams} stream(s)", "naive INSERT+COMMIT per chunk (aiosqlite)",
+                          fmt(s["naive"]["median"], "/s"), ""])
+            target(f"recorder, {streams} stream(s): chunks/s into SQLite", s["buffered"]["median"], ">=", 300_000,
+                   "chunks/s")
+            target(f"recorder, {streams} stream(s): buffered / naive", s["ratio_buffered_to_naive"], ">=", 40, "x")
+        b = rc["batched_paths"]
+        table.append(["design: batch path", "sqlite3 in an anyio worker thread (ours)", fmt(b["to_thread"]["median"],
+                      "/s"), f"{b['ratio_to_thread_to_aiosqlite']:.2f}x aiosqlite"])
+        table.append(["design: batch path", "aiosqlite on asyncio, same batches", fmt(b["aiosqlite"]["median"], "/s"),
+                      ""])
+        e = rc["event_loops"]
+        table.append(["design: event loop", "buffered path on asyncio", fmt(e["asyncio"]["median"], "/s"), ""])
+        table.append(["design: event loop", "buffered path on trio", fmt(e["trio"]["median"], "/s"),
+                      f"{e['ratio_trio_to_asyncio']:.2f}x asyncio"])
+    mm = res.get("memory")
+    if mm:
+        for name, e in mm["idle"].items():
+            n = e["runs"][0]["streams"]
+            table.append([f"5 memory, {n} idle streams", name, f"{fmt(e['rss_per_stream_kib'], 'KiB')} per stream",
+                          f"peak RSS {e['peak_rss_kib'] / 1024:.0f} MiB"])
+        target(f"RSS per idle open stream ({mm['idle']['ours']['runs'][0]['streams']} streams)",
+               mm["idle"]["ours"]["rss_per_stream_kib"], "<", 20, "KiB")
+        lo = mm["loss"]
+        table.append([f"5 loss, {lo['streams']} x {lo['tokens_per_stream']}", "lost / duplicated / wrong streams",
+                      f"{lo['lost']} / {lo['duplicated']} / {lo['streams_with_wrong_chunks']}",
+                      f"wall {lo['wall_seconds']:.1f} s, {lo['chunks_in_db']:,} chunks in the database"])
+        bad = (lo["lost"] + lo["duplicated"] + lo["streams_with_wrong_chunks"] + lo["streams_not_completed"]
+               + lo["content_mismatch"] + lo["client_saw_wrong_events"])
+        targets.append({"target": f"zero loss at {lo['streams']} x {lo['tokens_per_stream']}", "measured": bad,
+                        "pass": bad == 0, "unit": "bad"})
+    dc = res.get("disconnect")
+    if dc:
+        for stack, d in dc["stacks"].items():
+            for name, e in d.items():
+                table.append([f"6 disconnect ({stack})", name, f"{fmt(e['median_ms'], 'ms')} median",
+                              f"p99 {fmt(e['p99_ms'], 'ms')}, {e['finally_never_ran']} never ran"])
+            target(f"disconnect noticed, p99 ({stack})", d["ours"]["p99_ms"], "<", 50, "ms")
+    return table, targets
+
+
+def print_table(res: dict[str, Any]) -> list[dict[str, Any]]:
+    table, targets = rows(res)
+    widths = [max(len(r[i]) for r in table) for i in range(4)] if table else [0] * 4
+    print()
+    for r in table:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+    print("\nTargets")
+    for t in targets:
+        v = t["measured"]
+        shown = "n/a" if v is None else (f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.3f}")
+        print(f"  {'PASS' if t['pass'] else 'MISS'}  {t['target']}: measured {shown}")
+    return targets
+
+
+# -- the plot -----------------------------------------------------------------------------------------
+def plot(res: dict[str, Any], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install -e '.[bench]')", file=sys.stderr)
+        return False
+    fig, axes = plt.subplots(2, 3, figsize=(17, 9.5))
+    short = {"raw": "raw ASGI", "starlette": "Starlette\nStreaming", "sse_starlette": "sse-starlette",
+             "fastapi": "fastapi.sse", "ours_null": "ours\n(rec. off)", "ours_sqlite": "ours\n(SQLite)"}
+    colors = {"raw": "#999999", "starlette": "#bbbbbb", "sse_starlette": "#e69f00", "fastapi": "#56b4e9",
+              "ours_null": "#66c2a5", "ours_sqlite": "#1b7837"}
+
+    ax = axes[0][0]
+    ip = res.get("inprocess")
+    if ip:
+        names = list(ip["events_per_s"])
+        vals = [ip["events_per_s"][n]["median"] for n in names]
+        ax.bar([short[n] for n in names], vals, color=[colors[n] for n in names])
+        ax.set_yscale("log")
+        ax.set_title(f"1. In-process throughput ({ip['events_per_run']:,} events)")
+        ax.set_ylabel("events/s (median, log)")
+        for i, v in enumerate(vals):
+            ax.text(i, v, f"{v / 1e3:,.0f}k", ha="center", va="bottom", fontsize=8)
+        ax.tick_params(axis="x", labelsize=8)
+
+    ax = axes[0][1]
+    sv = res.get("server")
+    stack = "uvicorn-httptools-uvloop"
+    if sv and sv.get(stack):
+        st = sv[stack]
+        concs = [c for c in (1, 10, 100) if f"streams_{c}" in st]
+        names = list(st[f"streams_{concs[0]}"])
+        width = 0.8 / len(names)
+        for j, n in enumerate(names):
+            ax.bar([i + j * width for i in range(len(concs))], [st[f"streams_{c}"][n]["median"] for c in concs],
+                   width, label=short[n].replace("\n", " "), color=colors[n])
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(concs))], [f"{c} stream(s)" for c in concs])
+        ax.set_title(f"2. Under uvicorn ({stack}), total events/s")
+        ax.set_ylabel("events/s (median)")
+        ax.legend(fontsize=7)
+
+    ax = axes[0][2]
+    rc = res.get("recorder")
+    if rc:
+        labels, vals, cols = [], [], []
+        for streams in (1, 100):
+            s = rc[f"streams_{streams}"]
+            labels += [f"buffered\n{streams} str.", f"naive\n{streams} str."]
+            vals += [s["buffered"]["median"], s["naive"]["median"]]
+            cols += ["#1b7837", "#d95f02"]
+        b = rc["batched_paths"]
+        labels += ["batches:\nto_thread", "batches:\naiosqlite"]
+        vals += [b["to_thread"]["median"], b["aiosqlite"]["median"]]
+        cols += ["#1b7837", "#7570b3"]
+        e = rc["event_loops"]
+        labels += ["buffered\nasyncio", "buffered\ntrio"]
+        vals += [e["asyncio"]["median"], e["trio"]["median"]]
+        cols += ["#1b7837", "#e7298a"]
+        ax.bar(labels, vals, color=cols)
+        ax.axhline(300_000, ls="--", color="red", lw=1, label="target 300k/s")
+        ax.set_yscale("log")
+        ax.set_title("3. Recorder: chunks/s into SQLite")
+        ax.tick_params(axis="x", labelsize=7)
+        ax.legend(fontsize=7)
+        for i, v in enumerate(vals):
+            ax.text(i, v, f"{v / 1e3:,.0f}k", ha="center", va="bottom", fontsize=7)
+
+    ax = axes[1][0]
+    if sv and sv.get("ttfb"):
+        t = sv["ttfb"]
+        names = ["raw", "ours_null", "ours_sqlite"]
+        x = range(len(names))
+        ax.bar([i - 0.2 for i in x], [t[n]["first_event_ms_median"] for n in names], 0.4, label="median")
+        ax.bar([i + 0.2 for i in x], [t[n]["first_event_ms_p99"] for n in names], 0.4, label="p99")
+        ax.set_xticks(list(x), [short[n] for n in names])
+        ax.set_title("4. Time to first event (fresh connection)")
+        ax.set_ylabel("ms")
+        ax.legend(fontsize=8)
+
+    ax = axes[1][1]
+    mm = res.get("memory")
+    if mm:
+        names = list(mm["idle"])
+        vals = [mm["idle"][n]["rss_per_stream_kib"] for n in names]
+        ax.bar(names, vals, color=[colors.get(n, colors["ours_sqlite"]) if n != "ours" else colors["ours_sqlite"]
+                                   for n in names])
+        ax.axhline(20, ls="--", color="red", lw=1, label="target 20 KiB")
+        n = mm["idle"]["ours"]["runs"][0]["streams"]
+        lo = mm["loss"]
+        ax.set_title(f"5. RSS per idle stream ({n:,} open)\nloss at {lo['streams']}x{lo['tokens_per_stream']}: "
+                     f"{lo['lost']} lost, {lo['duplicated']} duplicated")
+        ax.set_ylabel("KiB per stream")
+        ax.legend(fontsize=8)
+
+    ax = axes[1][2]
+    dc = res.get("disconnect")
+    if dc:
+        labels, med, p99 = [], [], []
+        for stack_name, d in dc["stacks"].items():
+            for n, e in d.items():
+                labels.append(f"{n}\n{stack_name.replace('uvicorn-', '')}")
+                med.append(e["median_ms"])
+                p99.append(e["p99_ms"])
+        x = range(len(labels))
+        ax.bar([i - 0.2 for i in x], med, 0.4, label="median")
+        ax.bar([i + 0.2 for i in x], p99, 0.4, label="p99")
+        ax.axhline(50, ls="--", color="red", lw=1, label="target p99 50 ms")
+        ax.set_xticks(list(x), labels, fontsize=7)
+        ax.set_title("6. Disconnect: socket close to generator finally")
+        ax.set_ylabel("ms")
+        ax.legend(fontsize=8)
+
+    meta = res.get("meta", {})
+    fig.suptitle(f"asgi_stream_recorder benchmarks ({'quick' if meta.get('quick') else 'full'} run, "
+                 f"{meta.get('machine', {}).get('cores')} cores, Python {meta.get('machine', {}).get('python')}, "
+                 f"medians of alternating rounds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a smoke run that finishes in under a minute")
+    parser.add_argument("--only", action="append", choices=FAMILIES, help="run only this family (repeatable)")
+    parser.add_argument("--out", default=str(RESULTS), help="directory for latest.json and latest.png")
+    args = parser.parse_args(argv)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = out_dir / "latest.json", out_dir / "latest.png"
+
+    results: dict[str, Any] = {}
+    if args.only and json_path.exists():
+        results = json.loads(json_path.read_text())
+    families = args.only or FAMILIES
+    started = time.time()
+    meta = {"quick": args.quick, "families_run": families, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "machine": machine()}
+    for name in families:
+        print(f"== {name}", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        module = importlib.import_module(f"bench.{name}")
+        results[name] = module.main(args.quick)
+        results[name]["seconds"] = time.perf_counter() - t0
+        results[name]["quick"] = args.quick
+        print(f"   {name}: {results[name]['seconds']:.1f} s", file=sys.stderr, flush=True)
+    meta["seconds"] = time.time() - started
+    meta["machine"]["load_average_at_end"] = os.getloadavg()
+    results["meta"] = meta
+    json_path.write_text(json.dumps(results, indent=1, default=str) + "\n")
+    targets = print_table(results)
+    results["targets"] = targets
+    json_path.write_text(json.dumps(results, indent=1, default=str) + "\n")
+    plotted = plot(results, png_path)
+    print(f"\nwrote {json_path}" + (f" and {png_path}" if plotted else "") + f" in {meta['seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
