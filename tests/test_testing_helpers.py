@@ -175,6 +175,8 @@ async def test_non_stream_responses_and_status_checks() -> None:
             async with client.stream("GET", "/missing") as s:
                 assert s.status_code == 404
                 assert await s.read() == b'{"detail":"nope"}'
+            async with client.stream("GET", "/missing") as s:
+                assert s.status_code == 404  # leaving unread hangs up: the app's failed send is no error
             with pytest.raises(AssertionError, match="expected status 200, got 404"):
                 await client.collect("/missing")
 

@@ -59,6 +59,15 @@ def _encode_headers(headers: HeaderInput) -> list[tuple[bytes, bytes]]:
     return [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in items]
 
 
+def _only_disconnects(exc: BaseException) -> bool:
+    """True if ``exc`` is an ``OSError``, or a group of nothing else (what a send raises
+    once the client has gone, possibly wrapped by the app's task groups)."""
+    group = getattr(exc, "exceptions", None)
+    if isinstance(group, tuple) and group:
+        return all(_only_disconnects(e) for e in group)
+    return isinstance(exc, OSError)
+
+
 class SSEStream:
     """One request in flight: the response's status and headers, then its events.
 
@@ -239,7 +248,9 @@ class SSEStream:
         try:
             await self._app(self._scope, self._receive, self._send)
         except Exception as exc:
-            self.app_exception = exc
+            if not (self.disconnected and _only_disconnects(exc)):
+                # an app failing to send after the client left is the client's doing, not an error
+                self.app_exception = exc
         finally:
             self._tx.close()
             self._app_done.set()
