@@ -122,7 +122,10 @@ def fastapi_app(recorder: SQLiteRecorder, hooks: Hooks) -> Any:
 
 
 def litestar_app(recorder: SQLiteRecorder, hooks: Hooks) -> Any:
-    @litestar.post("/chat/{room:str}", dependencies={"user": Provide(litestar_user, sync_to_thread=False)})
+    @litestar.post(
+        "/chat/{room:str}", status_code=200, media_type="text/event-stream",  # for the OpenAPI docs
+        dependencies={"user": Provide(litestar_user, sync_to_thread=False)},
+    )
     @recorded_stream(recorder=recorder, metadata=metadata)
     async def chat(
         room: FromPath[str], data: JSONBody[LitestarPrompt], user: NamedDependency[str], n: FromQuery[int] = 1
@@ -225,6 +228,14 @@ def test_fastapi_keeps_the_signature_for_validation_and_openapi() -> None:
     params = {p["name"]: p["in"] for p in operation["parameters"]}
     assert params == {"room": "path", "n": "query", "x-user": "header"}
     assert "requestBody" in operation
+
+
+def test_litestar_keeps_parameters_and_documents_the_stream() -> None:
+    app = litestar_app(SQLiteRecorder("unused.db"), Hooks())
+    operation = app.openapi_schema.to_schema()["paths"]["/chat/{room}"]["post"]
+    assert {p["name"]: p["in"] for p in operation["parameters"]} == {"room": "path", "n": "query"}
+    assert "requestBody" in operation
+    assert list(operation["responses"]["200"]["content"]) == ["text/event-stream"]
 
 
 async def test_fastapi_rejects_an_invalid_body_before_streaming(tmp_path: Path) -> None:

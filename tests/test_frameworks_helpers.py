@@ -4,7 +4,7 @@ These are the tests a user of the library would write for their own endpoints.""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,14 +21,14 @@ from starlette.routing import Route
 from asgi_stream_recorder import MemoryRecorder, SQLiteRecorder, current_stream, recorded_stream
 from asgi_stream_recorder.app import stream_app
 from asgi_stream_recorder.middleware import StreamRecorderMiddleware
-from asgi_stream_recorder.testing import assert_recorded, fake_token_stream
+from asgi_stream_recorder.testing import SSEClientFactory, assert_recorded, fake_token_stream
 
 pytestmark = pytest.mark.anyio
 
 ANSWER = "Streams are recorded as they are sent, token by token."
 
 
-async def test_starlette_route(memory_recorder: MemoryRecorder, sse_client: Callable[..., Any]) -> None:
+async def test_starlette_route(memory_recorder: MemoryRecorder, sse_client: SSEClientFactory) -> None:
     @recorded_stream(recorder=memory_recorder, metadata={"model": "fake"})
     async def chat(request: Request) -> AsyncIterator[str]:
         current_stream().metadata["topic"] = request.query_params["topic"]
@@ -54,7 +54,7 @@ def current_user(x_user: str = fastapi.Header("anonymous")) -> str:
     return x_user
 
 
-async def test_fastapi_path_operation_behind_the_middleware(sse_client: Callable[..., Any]) -> None:
+async def test_fastapi_path_operation_behind_the_middleware(sse_client: SSEClientFactory) -> None:
     recorder = MemoryRecorder()
     api = fastapi.FastAPI()
 
@@ -87,7 +87,7 @@ def litestar_user(request: litestar.Request[Any, Any, Any]) -> str:
     return request.headers.get("x-user", "anonymous")
 
 
-async def test_litestar_route_handler(sqlite_recorder: SQLiteRecorder, sse_client: Callable[..., Any]) -> None:
+async def test_litestar_route_handler(sqlite_recorder: SQLiteRecorder, sse_client: SSEClientFactory) -> None:
     @litestar.post("/chat/{room:str}", dependencies={"user": Provide(litestar_user, sync_to_thread=False)})
     @recorded_stream(recorder=sqlite_recorder)
     async def chat(
@@ -107,7 +107,7 @@ async def test_litestar_route_handler(sqlite_recorder: SQLiteRecorder, sse_clien
     await assert_recorded(sqlite_recorder, s.stream_id, status="cancelled", chunks=events)
 
 
-async def test_raw_asgi_stream_app(memory_recorder: MemoryRecorder, sse_client: Callable[..., Any]) -> None:
+async def test_raw_asgi_stream_app(memory_recorder: MemoryRecorder, sse_client: SSEClientFactory) -> None:
     async def chat(request: Request) -> AsyncIterator[dict[str, Any]]:
         prompt = (await request.json())["prompt"]
         async for token in fake_token_stream(prompt, fail_after=2):

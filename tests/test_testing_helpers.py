@@ -22,6 +22,7 @@ from asgi_stream_recorder.testing import (
     FakeAsyncOpenAI,
     FakeStreamError,
     LifespanError,
+    SSEClientFactory,
     assert_recorded,
     fake_openai_stream,
     fake_token_stream,
@@ -323,7 +324,7 @@ async def test_assert_recorded_lists_every_mismatch(memory_recorder: MemoryRecor
 
 
 async def test_sqlite_fixture_and_client_factory_fixture(
-    sqlite_recorder: SQLiteRecorder, sse_client: Any, tmp_path: Path
+    sqlite_recorder: SQLiteRecorder, sse_client: SSEClientFactory, tmp_path: Path
 ) -> None:
     assert sqlite_recorder.managed  # opened by the fixture
     assert Path(sqlite_recorder.path).parent == tmp_path

@@ -9,7 +9,7 @@ installed. :class:`FakeOpenAI` (an OpenAI-compatible ASGI app to serve) comes fr
 from __future__ import annotations
 
 from .assertions import assert_recorded, wait_recorded
-from .client import ClientDisconnected, LifespanError, SSEClient, SSEStream, sse_client
+from .client import ClientDisconnected, LifespanError, SSEClient, SSEClientFactory, SSEStream, sse_client
 from .fakes import (
     FakeAsyncOpenAI,
     FakeChatCompletionChunk,
@@ -33,6 +33,7 @@ __all__ = [
     "FakeToolCall",
     "LifespanError",
     "SSEClient",
+    "SSEClientFactory",
     "SSEStream",
     "assert_recorded",
     "fake_openai_stream",

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import json as jsonlib
 import math
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 from typing import Any
 from urllib.parse import unquote, urlencode, urlsplit
@@ -36,7 +37,7 @@ from starlette.types import ASGIApp, Message, Scope
 
 from ..sse import ServerSentEvent, SSEParser
 
-__all__ = ["ClientDisconnected", "LifespanError", "SSEClient", "SSEStream", "sse_client"]
+__all__ = ["ClientDisconnected", "LifespanError", "SSEClient", "SSEClientFactory", "SSEStream", "sse_client"]
 
 HeaderInput = Mapping[str, str] | Sequence[tuple[str, str]] | None
 ParamInput = Mapping[str, str | int | float] | Sequence[tuple[str, str | int | float]] | None
@@ -512,7 +513,7 @@ class SSEClient:
             raise LifespanError(f"unexpected lifespan message {message['type']!r}")
 
 
-class _ClientContext:
+class _ClientContext(AbstractAsyncContextManager["SSEClient"]):
     def __init__(self, client: SSEClient, lifespan: bool) -> None:
         self.client = client
         self.lifespan = lifespan
@@ -571,3 +572,7 @@ def sse_client(
         SSEClient(app, base_url=base_url, headers=headers, timeout=timeout, raise_app_exceptions=raise_app_exceptions),
         lifespan,
     )
+
+
+#: The type of the ``sse_client`` pytest fixture (and of :func:`sse_client` itself).
+SSEClientFactory = Callable[..., AbstractAsyncContextManager[SSEClient]]

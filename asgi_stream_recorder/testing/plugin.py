@@ -8,13 +8,14 @@ factory: ``async with sse_client(app, lifespan=True) as client: ...``.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from ..recorders import MemoryRecorder, SQLiteRecorder
+from .client import SSEClientFactory
 from .client import sse_client as _sse_client
 
 __all__ = ["memory_recorder", "sqlite_recorder", "sse_client"]
@@ -37,7 +38,7 @@ async def sqlite_recorder(anyio_backend: Any, tmp_path: Path) -> AsyncIterator[S
 
 
 @pytest.fixture
-def sse_client() -> Callable[..., Any]:
+def sse_client() -> SSEClientFactory:
     """The :func:`asgi_stream_recorder.testing.sse_client` factory:
     ``async with sse_client(app, lifespan=True, timeout=5) as client``."""
     return _sse_client
