@@ -110,6 +110,7 @@ class StreamRecorderMiddleware:
         self._background: anyio.abc.TaskGroup | None = None
         self._background_count = 0
         self._restore_signals: Callable[[], None] | None = None
+        self._lifespan_seen = False  # a lifespan startup, or our stand-in for it, has run
 
     # -- ASGI ------------------------------------------------------------------------------
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -119,6 +120,8 @@ class StreamRecorderMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if not self._lifespan_seen:
+            await self._start_without_lifespan()
         state = RequestState(self, self.recorder)
         scope = {**scope, SCOPE_KEY: state}
         if _accepts_event_stream(scope):
@@ -166,7 +169,18 @@ class StreamRecorderMiddleware:
             stream.interrupt()
 
     # -- lifespan ---------------------------------------------------------------------------
+    async def _start_without_lifespan(self) -> None:
+        """First request of a server that runs no lifespan: do what startup would have, once
+        (the recorder opens lazily and flushes per stream instead of at shutdown)."""
+        self._lifespan_seen = True
+        if self.handle_signals:
+            self._restore_signals = _chain_signals(self.begin_shutdown)
+        if self.recover:
+            await self.recorder.ensure_open()
+            await self.recorder.recover(is_orphan)
+
     async def _startup(self) -> None:
+        self._lifespan_seen = True
         self.shutting_down = False
         await self.recorder.open()
         if self.recover:
@@ -187,9 +201,8 @@ class StreamRecorderMiddleware:
                 await self._idle.wait()
         if self._active:
             log.error("asgi_stream_recorder: %d streams did not end within the shutdown timeout", len(self._active))
-        if self._background is not None:
-            self._background.cancel_scope.cancel()
-        await self.recorder.close(timeout=self.shutdown_timeout)
+        with anyio.CancelScope(shield=True):  # drain even if the server is cancelling us
+            await self.recorder.close(timeout=self.shutdown_timeout)
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         phase = "before"
@@ -302,7 +315,10 @@ class _WireTap(Stoppable):
     # -- receive: one reader, so the app and our watch do not steal each other's messages --
     async def app_receive(self) -> Message:
         if not self.watching:
-            return await self.receive()
+            message = await self.receive()
+            if message["type"] == "http.disconnect":  # the app read it before its stream began
+                self.client_left()
+            return message
         if self.pending_messages:
             return self.pending_messages.pop(0)
         assert self.disconnected is not None
@@ -321,9 +337,9 @@ class _WireTap(Stoppable):
         if self.client_gone:
             return
         self.client_gone = True
-        assert self.disconnected is not None
-        self.disconnected.set()  # the app may be waiting for it (Litestar waits after its last byte)
-        if self.ended:  # after the last byte a hang-up is just the end of the stream
+        if self.disconnected is not None:
+            self.disconnected.set()  # the app may be waiting for it (Litestar waits after its last byte)
+        if not self.watching or self.ended:  # after the last byte a hang-up is just the end
             return
         if self.session is not None:
             self.session.client_left()
@@ -359,6 +375,8 @@ class _WireTap(Stoppable):
             return message
         self.sse = True
         self.disconnected = anyio.Event()
+        if self.client_gone:
+            self.disconnected.set()
         names = {k.lower() for k, _ in headers}
         headers = [(k, v) for k, v in headers if k.lower() != b"content-length"]
         for name, value in SSE_HEADERS.items():
@@ -370,7 +388,8 @@ class _WireTap(Stoppable):
             self.watching = True
             self.mw.track(self)
             assert self.tg is not None
-            self.tg.start_soon(self.watch)
+            if not self.client_gone:
+                self.tg.start_soon(self.watch)
             if self.mw.ping is not None:
                 self.tg.start_soon(self.keepalive, self.mw.ping)
             if self.mw.record_all_sse:

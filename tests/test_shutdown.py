@@ -252,12 +252,6 @@ async def test_sigterm_ends_20_open_streams_interrupted_and_exits_promptly(tmp_p
 
 
 @asyncio_only
-@pytest.mark.xfail(
-    strict=True,
-    reason="StreamRecorderMiddleware._shutdown cancels the background task group that encloses the "
-    "lifespan task itself, so recorder.close() is cancelled in disconnect() and uvicorn logs "
-    "'Application shutdown failed'",
-)
 async def test_sigterm_lifespan_shutdown_completes_cleanly(tmp_path: Path) -> None:
     db = tmp_path / "streams.db"
     received = Received()
@@ -415,13 +409,6 @@ async def test_lifespan_off_still_records_each_stream_durably(tmp_path: Path) ->
 
 
 @asyncio_only
-@pytest.mark.xfail(
-    strict=True,
-    reason="with --lifespan off the middleware never chains SIGTERM, so it hears of no shutdown; uvicorn "
-    "cancels the request task at its graceful timeout and re-raises SIGTERM before that task runs again, "
-    "so the stream's end is never queued: the record stays 'streaming' (and no recovery runs without a "
-    "lifespan either)",
-)
 async def test_lifespan_off_sigterm_records_open_stream_interrupted(tmp_path: Path) -> None:
     """Without a lifespan, a SIGTERM with an open stream: the stream must still end
     ``interrupted`` (the client told so with a ``shutdown`` event) and be on disk."""
