@@ -18,11 +18,13 @@ from typing import Any
 
 import anyio
 
-from asgi_stream_recorder import StreamRecord, current_stream
+from asgi_stream_recorder import ServerSentEvent, StreamRecord, current_stream
+from asgi_stream_recorder.integrations.openai import openai_text
 
 __all__ = [
     "DEFAULT_MAX_TOKENS",
     "Settings",
+    "Token",
     "chat_page",
     "generate",
     "offline_tokens",
@@ -31,6 +33,9 @@ __all__ = [
 ]
 
 STATIC = Path(__file__).parent / "static"
+
+#: What a token source yields: text, or (from a model) a named event such as a tool call.
+Token = str | ServerSentEvent
 
 #: Upper bound on ``max_tokens`` a client may ask for (the page's default is far below).
 DEFAULT_MAX_TOKENS = 400
@@ -48,9 +53,25 @@ class Settings:
     openai_base_url: str | None = field(default_factory=lambda: os.environ.get("OPENAI_BASE_URL") or None)
     openai_model: str = field(default_factory=lambda: os.environ.get("OPENAI_MODEL") or "gpt-4o-mini")
 
+    _openai_client: Any = field(default=None, init=False, repr=False)
+
     @property
     def source(self) -> str:
         return "openai" if self.openai_api_key else "offline"
+
+    def openai_client(self) -> Any:
+        """One ``openai.AsyncOpenAI`` per app (its connection pool is reused), made on first use."""
+        if self._openai_client is None:
+            import openai
+
+            self._openai_client = openai.AsyncOpenAI(api_key=self.openai_api_key, base_url=self.openai_base_url)
+        return self._openai_client
+
+    async def aclose(self) -> None:
+        """Close the OpenAI client, if one was made: call it at the app's shutdown."""
+        client, self._openai_client = self._openai_client, None
+        if client is not None:
+            await client.close()
 
 
 def clamp_max_tokens(value: int | None) -> int:
@@ -106,14 +127,17 @@ async def offline_tokens(prompt: str, *, delay: float, max_tokens: int) -> Async
 
 
 # -- the OpenAI-compatible token source ---------------------------------------------------------
-async def openai_tokens(prompt: str, *, settings: Settings, max_tokens: int, client: Any = None) -> AsyncIterator[str]:
-    """The model's answer as text deltas (``client``: an ``openai.AsyncOpenAI``, made from settings if None)."""
-    import openai
+async def openai_tokens(
+    prompt: str, *, settings: Settings, max_tokens: int, client: Any = None
+) -> AsyncIterator[Token]:
+    """The model's answer as text deltas (``client``: an ``openai.AsyncOpenAI``, the app's if None).
 
+    ``openai_text`` records the model, finish reason and token usage with the stream; a
+    tool call or refusal would come out as its own named event (the page shows only text).
+    """
     if client is None:
-        client = openai.AsyncOpenAI(api_key=settings.openai_api_key, base_url=settings.openai_base_url)
-    stream = current_stream()
-    stream.metadata["model"] = settings.openai_model
+        client = settings.openai_client()
+    current_stream().metadata["model"] = settings.openai_model
     response = await client.chat.completions.create(
         model=settings.openai_model,
         messages=[{"role": "user", "content": prompt}],
@@ -121,22 +145,14 @@ async def openai_tokens(prompt: str, *, settings: Settings, max_tokens: int, cli
         stream=True,
         stream_options={"include_usage": True},
     )
-    # TODO(issue 4): use asgi_stream_recorder.integrations.openai's adapter once it lands
-    # (`async for text in openai_text(response): yield text`), which also fills the metadata.
     try:
-        async for chunk in response:
-            if chunk.usage is not None:
-                stream.metadata["usage"] = chunk.usage.model_dump()
-            for choice in chunk.choices:
-                if choice.finish_reason is not None:
-                    stream.metadata["finish_reason"] = choice.finish_reason
-                if choice.delta is not None and choice.delta.content:
-                    yield choice.delta.content
+        async for item in openai_text(response):
+            yield item
     finally:
-        await response.close()  # stop the upstream generation too when our client leaves
+        await response.close()  # when our client leaves, stop the generation upstream too
 
 
-def generate(prompt: str, *, settings: Settings, max_tokens: int | None) -> AsyncIterator[str]:
+def generate(prompt: str, *, settings: Settings, max_tokens: int | None) -> AsyncIterator[Token]:
     """The token source the settings choose; it also records the prompt with the stream."""
     limit = clamp_max_tokens(max_tokens)
     current_stream().metadata.update(prompt=prompt[:500], source=settings.source, max_tokens=limit)

@@ -4,6 +4,7 @@ fetch streaming) and the list of recent recorded streams."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 from fastapi import FastAPI, Query
@@ -13,7 +14,7 @@ from pydantic import BaseModel, Field
 from asgi_stream_recorder import SQLiteRecorder, recorded_stream
 from asgi_stream_recorder.middleware import StreamRecorderMiddleware
 
-from ..common import Settings, chat_page, generate, stream_json
+from ..common import Settings, Token, chat_page, generate, stream_json
 
 __all__ = ["ChatRequest", "create_app"]
 
@@ -31,7 +32,13 @@ def create_app(*, db_path: str | None = None, token_delay: float | None = None) 
     if token_delay is not None:
         settings.token_delay = token_delay
     recorder = SQLiteRecorder(settings.db_path)
-    app = FastAPI(title="asgi_stream_recorder chat (FastAPI)")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await settings.aclose()  # the OpenAI client, if the app made one
+
+    app = FastAPI(title="asgi_stream_recorder chat (FastAPI)", lifespan=lifespan)
     # Opens the recorder at startup and drains it at shutdown; decorated streams record into it.
     app.add_middleware(StreamRecorderMiddleware, recorder=recorder)
     page = chat_page("FastAPI")
@@ -45,14 +52,14 @@ def create_app(*, db_path: str | None = None, token_delay: float | None = None) 
     async def chat_get(
         prompt: Annotated[str, Query(min_length=1, max_length=4000)],
         max_tokens: int | None = None,
-    ) -> AsyncIterator[str]:
+    ) -> AsyncIterator[Token]:
         """For EventSource: ``GET /api/chat?prompt=...``."""
         async for token in generate(prompt, settings=settings, max_tokens=max_tokens):
             yield token
 
     @app.post("/api/chat")
     @recorded_stream
-    async def chat_post(body: ChatRequest) -> AsyncIterator[str]:
+    async def chat_post(body: ChatRequest) -> AsyncIterator[Token]:
         """For fetch streaming: ``POST /api/chat`` with ``{"prompt": ..., "max_tokens": ...}``."""
         async for token in generate(body.prompt, settings=settings, max_tokens=body.max_tokens):
             yield token

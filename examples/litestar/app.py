@@ -16,7 +16,7 @@ from litestar.params import Body, Parameter
 from asgi_stream_recorder import SQLiteRecorder, recorded_stream
 from asgi_stream_recorder.middleware import StreamRecorderMiddleware
 
-from ..common import Settings, chat_page, generate, stream_json
+from ..common import Settings, Token, chat_page, generate, stream_json
 
 __all__ = ["ChatRequest", "create_app"]
 
@@ -42,6 +42,7 @@ def create_app(*, db_path: str | None = None, token_delay: float | None = None) 
         # StreamRecorderMiddleware cannot open and drain the recorder here: do it ourselves.
         async with recorder:
             yield
+            await settings.aclose()  # the OpenAI client, if the app made one
 
     page = chat_page("Litestar")
 
@@ -54,14 +55,16 @@ def create_app(*, db_path: str | None = None, token_delay: float | None = None) 
     async def chat_get(
         prompt: Annotated[str, Parameter(description="what to ask", min_length=1, max_length=4000)],
         max_tokens: Annotated[int | None, Parameter(description="at most this many tokens")] = None,
-    ) -> AsyncIterator[str]:
+    ) -> AsyncIterator[Token]:
         """For EventSource: ``GET /api/chat?prompt=...``."""
         async for token in generate(prompt, settings=settings, max_tokens=max_tokens):
             yield token
 
     @post("/api/chat")
     @recorded_stream
-    async def chat_post(data: Annotated[ChatRequest, Body(media_type=RequestEncodingType.JSON)]) -> AsyncIterator[str]:
+    async def chat_post(
+        data: Annotated[ChatRequest, Body(media_type=RequestEncodingType.JSON)],
+    ) -> AsyncIterator[Token]:
         """For fetch streaming: ``POST /api/chat`` with ``{"prompt": ..., "max_tokens": ...}``."""
         async for token in generate(data.prompt, settings=settings, max_tokens=data.max_tokens):
             yield token
