@@ -159,6 +159,11 @@ async def test_bounded_waits_and_app_errors_surface(memory_recorder: MemoryRecor
     async def broken(scope: Any, receive: Any, send: Any) -> None:
         raise KeyError("boom")
 
+    async def deaf(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        with anyio.CancelScope(shield=True):
+            await anyio.sleep(0.5)  # ignores the client leaving for a while
+
     with anyio.fail_after(5):
         async with sse_client(silent, timeout=0.2) as client:
             with pytest.raises(TimeoutError, match="sent nothing"):
@@ -167,6 +172,10 @@ async def test_bounded_waits_and_app_errors_surface(memory_recorder: MemoryRecor
         async with sse_client(broken) as client:
             with pytest.raises(KeyError, match="boom"):
                 await client.collect("/")
+        async with sse_client(deaf, timeout=0.1) as client:
+            with pytest.raises(TimeoutError, match=r"did not return within 0\.1s"):
+                async with client.stream("GET", "/") as s:
+                    assert s.status_code == 200
 
 
 async def test_non_stream_responses_and_status_checks() -> None:

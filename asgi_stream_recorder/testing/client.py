@@ -285,19 +285,20 @@ class SSEStream:
             self.status_code = int(message["status"])
             self.headers = Headers(raw=[(bytes(k), bytes(v)) for k, v in message.get("headers", [])])
         except BaseException:
-            await self._close()
+            await self._close(check=False)
             raise
         return self
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        await self._close()
+        await self._close(check=exc is None)
         if exc is None and self.app_exception is not None and self._raise_app_exceptions:
             raise self.app_exception
 
-    async def _close(self) -> None:
-        """Hang up if the app is still going and wait (bounded) until it has returned."""
+    async def _close(self, check: bool = True) -> None:
+        """Hang up if the app is still going and wait (bounded) until it has returned;
+        with ``check``, an app that had to be cancelled is a ``TimeoutError``."""
         tg, self._tg = self._tg, None
         if tg is None:
             return
@@ -309,8 +310,8 @@ class SSEStream:
         # The app's errors are kept in app_exception, so the group only ends; whatever the
         # test's block raised propagates unchanged (not wrapped in an exception group).
         await tg.__aexit__(None, None, None)
-        if tg.cancel_scope.cancelled_caught and not self._app_done.is_set():
-            raise TimeoutError(f"the app did not return within {self.timeout}s of the client leaving")
+        if check and tg.cancel_scope.cancel_called:  # the deadline passed
+            raise TimeoutError(f"the app did not return within {self.timeout}s of the client leaving: cancelled")
 
 
 class SSEClient:
