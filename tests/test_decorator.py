@@ -23,7 +23,7 @@ from pydantic import BaseModel
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.routing import Route
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Message
 
 import asgi_stream_recorder.recorders as recorders_module
 from asgi_stream_recorder import MemoryRecorder, RecordedStreamResponse, SQLiteRecorder, StreamStatus, recorded_stream
@@ -130,7 +130,7 @@ async def call(app: ASGIApp, path: str = "/s") -> tuple[dict[str, str], list[tup
     events: list[tuple[str | None, str | None]] = []
     requested = False
 
-    async def receive() -> dict[str, Any]:
+    async def receive() -> Message:
         nonlocal requested
         if not requested:
             requested = True
@@ -138,7 +138,7 @@ async def call(app: ASGIApp, path: str = "/s") -> tuple[dict[str, str], list[tup
         await anyio.sleep_forever()
         raise AssertionError
 
-    async def send(message: dict[str, Any]) -> None:
+    async def send(message: Message) -> None:
         if message["type"] == "http.response.start":
             headers.update((k.decode(), v.decode()) for k, v in message["headers"])
         else:

@@ -296,7 +296,7 @@ class GatedSQLite(Gated, SQLiteRecorder):
 
 
 def gated(kind: str, tmp_path: Path, **options: Any) -> Any:
-    rec = make(kind, tmp_path, GatedMemory if kind == "memory" else GatedSQLite, **options)
+    rec: Any = make(kind, tmp_path, GatedMemory if kind == "memory" else GatedSQLite, **options)
     rec.arm()
     return rec
 

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import pytest
 from httpx_sse._decoders import SSEDecoder, SSELineDecoder
 from hypothesis import HealthCheck, given, settings
@@ -12,7 +14,8 @@ from asgi_stream_recorder.sse import PING, ServerSentEvent, SSEParser, encode, e
 
 # -- strategies ----------------------------------------------------------------------------
 
-_ANY_CHAR = st.characters(blacklist_categories=("Cs",))  # any Unicode scalar value
+_SURROGATES: tuple[Literal["Cs"]] = ("Cs",)
+_ANY_CHAR = st.characters(blacklist_categories=_SURROGATES)  # any Unicode scalar value
 
 #: pieces that look like SSE syntax or are line breaks of every kind the spec knows (and
 #: some it does not: U+2028, NEL, form feed must *not* split lines)
