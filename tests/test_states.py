@@ -502,3 +502,25 @@ async def test_events_reach_the_client_while_the_database_is_blocked(transport: 
     assert [e.text for e in ex.events] == ["first", "second", "third"]
     assert record.status is StreamStatus.COMPLETED
     assert record.content == "firstsecondthird"
+
+
+async def test_comment_and_retry_events_are_sent_but_only_data_is_recorded(
+    transport: str, recorder: SQLiteRecorder
+) -> None:
+    async def generate(request: Request) -> AsyncIterator[Any]:
+        yield ServerSentEvent(retry=2500)  # a reconnect hint: no data, no seq
+        yield ServerSentEvent(comment="just a comment")
+        yield ServerSentEvent("with extras", retry=1000, comment="hi", event="token")
+        yield "plain"
+
+    ex = await exchange(transport, app_for(generate, recorder=recorder))
+    assert [(e.text, e.id, e.event, e.retry) for e in ex.events] == [
+        ("with extras", "1", "token", 1000),
+        ("plain", "2", None, None),
+    ]
+    assert ex.parser.retry == 1000 and ex.parser.comments == 2
+    assert b"retry: 2500" in ex.raw
+    record = await final_record(recorder, ex.stream_id)
+    chunks = await recorder.chunks(ex.stream_id)
+    assert [(c.seq, c.data, c.event) for c in chunks] == [(1, "with extras", "token"), (2, "plain", None)]
+    assert record.status is StreamStatus.COMPLETED and record.content == "plain"
