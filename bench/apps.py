@@ -144,6 +144,14 @@ def build_server_app() -> Any:
         yield "hello"
         await anyio.sleep_forever()
 
+    class IdleRaw:  # the floor: uvicorn's own cost of an open streaming connection
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"text/event-stream")]})
+            await send({"type": "http.response.body", "body": b"data: hello\n\n", "more_body": True})
+            while (await receive())["type"] != "http.disconnect":
+                pass
+
     async def idle_sse_starlette(request: Request) -> EventSourceResponse:
         async def gen() -> AsyncIterator[str]:
             yield "hello"
@@ -188,6 +196,7 @@ def build_server_app() -> Any:
     api.add_route("/load", load)
     api.add_route("/idle_ours", idle_ours)
     api.add_route("/idle_sse_starlette", idle_sse_starlette)
+    api.add_route("/idle_raw", IdleRaw())
     api.add_route("/disc_ours", disc_ours_direct)
     api.add_route("/disc_sse_starlette", disc_sse_starlette)
     api.add_route("/finally", finally_probe)

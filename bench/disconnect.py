@@ -60,7 +60,7 @@ async def run(port: int, per: int) -> dict[str, Any]:
 
 
 def main(quick: bool) -> dict[str, Any]:
-    per = 25 if quick else 300
+    per = 25 if quick else 200
     stack = "uvicorn-httptools-uvloop"
     stacks = [stack] if quick else [stack, "uvicorn-h11-asyncio"]
     out: dict[str, Any] = {}

@@ -1,6 +1,7 @@
 """5. Concurrency and memory, under uvicorn (httptools/uvloop) in a subprocess.
 
-* Idle streams: open N streams (one token, then silence with a keep-alive ping every second,
+* Idle streams (peers: sse-starlette, and a bare ASGI app that only holds the connection,
+  which is uvicorn's own floor): open N streams (one token, then silence with a keep-alive ping every second,
   recorded to SQLite), hold them a few seconds so pings flow, read the server's RSS and peak
   RSS (VmHWM) from /proc. RSS per stream = (RSS with N open - RSS after warm-up) / N. Peer:
   sse-starlette with the same generator and ping; a fresh server per measurement.
@@ -20,7 +21,7 @@ import tempfile
 import time
 from typing import Any
 
-from .common import RawStream, dechunk, http_get, median, rss_kib, say, server
+from .common import RawStream, dechunk, http_get, median, rotate, rss_kib, say, server
 
 STACK = "uvicorn-httptools-uvloop"
 
@@ -110,13 +111,13 @@ async def loss(port: int, n_streams: int, tokens: int) -> dict[str, Any]:
 def main(quick: bool) -> dict[str, Any]:
     _raise_nofile()
     n_idle = 300 if quick else 10_000
-    rounds = 1 if quick else 2
+    rounds = 1  # RSS is not a rate: one fresh server per contender
     hold = 1.0 if quick else 3.0
     out: dict[str, Any] = {"stack": STACK, "idle_rounds": rounds, "ping_seconds": 1.0}
-    runs: dict[str, list[dict[str, Any]]] = {"ours": [], "sse_starlette": []}
-    paths = {"ours": "/idle_ours", "sse_starlette": "/idle_sse_starlette"}
+    paths = {"ours": "/idle_ours", "sse_starlette": "/idle_sse_starlette", "raw_asgi": "/idle_raw"}
+    runs: dict[str, list[dict[str, Any]]] = {n: [] for n in paths}
     for r in range(rounds):
-        for name in (["ours", "sse_starlette"] if r % 2 == 0 else ["sse_starlette", "ours"]):
+        for name in rotate(list(paths), r):
             say(f"  {n_idle} idle streams: {name} (round {r + 1}/{rounds})")
             with server("build_server_app", STACK, env={"BENCH_PING": "1"}, timeout=600) as (port, pid):
                 runs[name].append(asyncio.run(asyncio.wait_for(idle(port, pid, paths[name], n_idle, hold), 300)))

@@ -158,9 +158,9 @@ async def aiosqlite_rate(path: str, batches: list[list[Chunk]]) -> float:
 
 def main(quick: bool) -> dict[str, Any]:
     scratch = Scratch()
-    rounds = 2 if quick else 5
-    total = 50_000 if quick else 1_000_000
-    naive_total = 1_000 if quick else 20_000
+    rounds = 2 if quick else 3
+    total = 50_000 if quick else 500_000
+    naive_total = 1_000 if quick else 10_000
     out: dict[str, Any] = {"rounds": rounds, "chunks_per_run": total, "naive_chunks_per_run": naive_total}
 
     def on(backend: str, fn: Callable[..., Any], *args: Any) -> Callable[[], float]:
@@ -189,7 +189,7 @@ def main(quick: bool) -> dict[str, Any]:
             out[f"streams_{streams}"] = s
 
         say("  design note: to_thread vs aiosqlite, same batches")
-        batches = _batches(15 if quick else 250)
+        batches = _batches(15 if quick else 150)
         samples = alternate(
             {
                 "to_thread": lambda: on("asyncio", to_thread_rate, scratch.path(), batches)(),

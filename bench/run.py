@@ -267,7 +267,7 @@ def plot(res: dict[str, Any], path: Path) -> bool:
     if mm:
         names = list(mm["idle"])
         vals = [mm["idle"][n]["rss_per_stream_kib"] for n in names]
-        ax.bar(names, vals, color=[colors.get(n, colors["ours_sqlite"]) if n != "ours" else colors["ours_sqlite"]
+        ax.bar(names, vals, color=[{"ours": colors["ours_sqlite"], "raw_asgi": colors["raw"]}.get(n, colors.get(n))
                                    for n in names])
         ax.axhline(20, ls="--", color="red", lw=1, label="target 20 KiB")
         n = mm["idle"]["ours"]["runs"][0]["streams"]

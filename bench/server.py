@@ -107,8 +107,8 @@ async def ttfb(port: int, names: list[str], per: int) -> dict[str, Any]:
 
 
 def main(quick: bool) -> dict[str, Any]:
-    total = 10_000 if quick else 100_000
-    rounds = 2 if quick else 5
+    total = 10_000 if quick else 50_000
+    rounds = 2 if quick else 3
     concurrency = (1, 100) if quick else (1, 10, 100)
     stacks = ["uvicorn-httptools-uvloop"] if quick else list(STACKS)
     out: dict[str, Any] = {"events_per_config": total, "rounds": rounds, "client": "raw asyncio socket reader",
@@ -161,7 +161,7 @@ def main(quick: bool) -> dict[str, Any]:
                 out["client_check"] = c
 
                 say("   time to first byte: recording off vs SQLite (fresh connection per request)")
-                per = 20 if quick else 300
+                per = 20 if quick else 200
                 out["ttfb"] = bounded(lambda: ttfb(port, ["raw", "ours_null", "ours_sqlite"], per))
                 out["ttfb"]["stack"] = stack
                 t = out["ttfb"]
