@@ -88,20 +88,30 @@ def provider(url: str) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=SECRET_KEY, max_retries=0, timeout=5)
 
 
-def in_app(recorder: MemoryRecorder, client: openai.AsyncOpenAI, api: str) -> Starlette:
-    """A recorded endpoint streaming from the provider through the adapter (the 'in' one-liner)."""
+def in_app(recorder: MemoryRecorder, client: openai.AsyncOpenAI, api: str, style: str = "return") -> Starlette:
+    """A recorded endpoint streaming from the provider through the adapter.
+
+    ``return``: the README one-liner (the adapter awaits the un-awaited ``create()`` call
+    and is the response's source itself, so closing it closes the provider stream at once).
+    ``async_for``: the adapter inside the user's own generator.
+    """
+    def create() -> Any:
+        if api == "chat":
+            return client.chat.completions.create(model="gpt-fake", messages=MESSAGES, stream=True,
+                                                  stream_options={"include_usage": True})
+        return client.responses.create(model="gpt-fake", input="Say hello", stream=True)
 
     @recorded_stream(recorder=recorder)
-    async def chat(request: Request) -> AsyncIterator[Any]:
-        if api == "chat":
-            stream: Any = await client.chat.completions.create(
-                model="gpt-fake", messages=MESSAGES, stream=True, stream_options={"include_usage": True})
-        else:
-            stream = await client.responses.create(model="gpt-fake", input="Say hello", stream=True)
+    def chat(request: Request) -> AsyncIterator[Any]:
+        return openai_text(create())
+
+    @recorded_stream(recorder=recorder)
+    async def chat_async_for(request: Request) -> AsyncIterator[Any]:
+        stream = await create()
         async for item in openai_text(stream):
             yield item
 
-    return Starlette(routes=[Route("/chat", chat)])
+    return Starlette(routes=[Route("/chat", chat if style == "return" else chat_async_for)])
 
 
 def assert_secret_absent(record: StreamRecord, chunks: list[Any], raw: bytes, fake: FakeOpenAI) -> None:
@@ -114,14 +124,15 @@ def assert_secret_absent(record: StreamRecord, chunks: list[Any], raw: bytes, fa
 
 
 # -- in ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("style", ["return", "async_for"])
 @pytest.mark.parametrize("api", ["chat", "responses"])
-async def test_openai_stream_is_recorded_with_exact_text_usage_and_metadata(api: str) -> None:
+async def test_openai_stream_is_recorded_with_exact_text_usage_and_metadata(api: str, style: str) -> None:
     fake = FakeOpenAI(tokens=TOKENS, model="gpt-fake-2025", usage=USAGE, response_id="abc123",
                       system_fingerprint="fp_42", api_key=SECRET_KEY)
     recorder = MemoryRecorder()
     async with recorder, serve(fake) as fake_url:
         client = provider(fake_url)
-        async with serve(in_app(recorder, client, api)) as url:
+        async with serve(in_app(recorder, client, api, style)) as url:
             stream_id, events, raw = await fetch_sse(f"{url}/chat")
         await client.close()
         record = await wait_record(recorder, stream_id)

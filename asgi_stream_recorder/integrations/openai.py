@@ -79,8 +79,9 @@ async def openai_text(
     except LookupError:
         metadata = {}
     state = _State(metadata)
+    iterator = aiter(stream)
     try:
-        async for item in stream:
+        async for item in iterator:
             data = _as_dict(item)
             type_ = data.get("type")
             if isinstance(type_, str) and ("choices" not in data):
@@ -90,6 +91,8 @@ async def openai_text(
                 for out in state.chat_chunk(data):
                     yield out
     finally:
+        if iterator is not stream:
+            await _close(iterator)
         await _close(stream)
 
 
