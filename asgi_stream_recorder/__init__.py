@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from .app import stream_app
 from .decorator import recorded_stream
+from .middleware import StreamRecorderMiddleware
 from .recorders import (
     Chunk,
     MemoryRecorder,
@@ -27,12 +29,14 @@ __all__ = [
     "SSEParser",
     "ServerSentEvent",
     "StreamRecord",
+    "StreamRecorderMiddleware",
     "StreamSession",
     "StreamStatus",
     "current_stream",
     "default_recorder",
     "encode",
     "recorded_stream",
+    "stream_app",
 ]
 
 __version__ = "0.1.0"

@@ -72,6 +72,7 @@ def recorded_stream(
             raise TypeError(f"@recorded_stream needs an async generator function, got {source!r}")
 
         async def endpoint(*args: P.args, **kwargs: P.kwargs) -> RecordedStreamResponse:
+            await _read_request_bodies(args, kwargs.values())
             return RecordedStreamResponse(
                 source(*args, **kwargs),
                 recorder=recorder,
@@ -97,6 +98,18 @@ def recorded_stream(
         return endpoint
 
     return decorate if func is None else decorate(func)
+
+
+async def _read_request_bodies(*groups: Any) -> None:
+    """Read and cache the body of any request object handed to the generator (Starlette's and
+    Litestar's cache it), before the response's disconnect watch starts reading ``receive``:
+    otherwise a generator awaiting ``request.json()`` races the watch for the body."""
+    for group in groups:
+        for value in group:
+            scope = getattr(value, "scope", None)
+            body = getattr(value, "body", None)
+            if isinstance(scope, dict) and scope.get("type") == "http" and inspect.iscoroutinefunction(body):
+                await body()
 
 
 def _signature(source: Callable[..., Any]) -> inspect.Signature:

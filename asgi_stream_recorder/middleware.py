@@ -138,6 +138,12 @@ class StreamRecorderMiddleware:
         if not self._active and self._idle is not None:
             self._idle.set()
 
+    @property
+    def owns_background(self) -> bool:
+        """True while the middleware has a task group for streams outliving their request
+        (it runs the lifespan); otherwise such streams go on in their request's task."""
+        return self._background is not None
+
     def reserve_background(self) -> bool:
         """Take a place for a stream to run on after its client left; False if there is none."""
         if self._background is None or self.shutting_down or self._background_count >= self.max_background:
@@ -174,7 +180,7 @@ class StreamRecorderMiddleware:
         (the recorder opens lazily and flushes per stream instead of at shutdown)."""
         self._lifespan_seen = True
         if self.handle_signals:
-            self._restore_signals = _chain_signals(self.begin_shutdown)
+            self._restore_signals = _listen_for_signals(self, self.begin_shutdown)
         if self.recover:
             await self.recorder.ensure_open()
             await self.recorder.recover(is_orphan)
@@ -188,7 +194,7 @@ class StreamRecorderMiddleware:
             if marked:
                 log.warning("asgi_stream_recorder: marked %d streams of dead processes as interrupted", marked)
         if self.handle_signals:
-            self._restore_signals = _chain_signals(self.begin_shutdown)
+            self._restore_signals = _listen_for_signals(self, self.begin_shutdown)
 
     async def _shutdown(self) -> None:
         if self._restore_signals is not None:
@@ -430,33 +436,42 @@ def _accepts_event_stream(scope: Scope) -> bool:
 
 
 # -- signals ----------------------------------------------------------------------------------
-def _chain_signals(on_signal: Callable[[], None]) -> Callable[[], None] | None:
-    """Put a handler in front of the server's SIGTERM/SIGINT handler that tells us of the
-    shutdown on the event loop, then calls the server's. Returns the undo, or None where
-    signals cannot be set (not the main thread)."""
+# One handler per process sits in front of the server's SIGTERM/SIGINT handler: it tells every
+# listening middleware (on its own event loop), then calls the server's handler.
+_listeners: dict[int, Callable[[], None]] = {}
+_previous: dict[int, Any] = {}
+
+
+def _on_signal(signum: int, frame: FrameType | None) -> None:
+    for notify in list(_listeners.values()):
+        notify()
+    prior = _previous.get(signum)
+    if callable(prior):
+        prior(signum, frame)
+    elif prior == signal.SIG_DFL:
+        signal.signal(signum, signal.SIG_DFL)
+        signal.raise_signal(signum)
+
+
+def _listen_for_signals(key: object, on_signal: Callable[[], None]) -> Callable[[], None] | None:
+    """Call ``on_signal`` on this event loop at SIGTERM/SIGINT. Returns the undo (which puts the
+    server's handler back once nobody listens), or None where signals cannot be set."""
     if threading.current_thread() is not threading.main_thread():
         return None
-    notify = _loop_notifier(on_signal)
-    previous: dict[int, Any] = {}
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        notify()
-        prior = previous.get(signum)
-        if callable(prior):
-            prior(signum, frame)
-        elif prior == signal.SIG_DFL:
-            signal.signal(signum, signal.SIG_DFL)
-            signal.raise_signal(signum)
-
     for sig in _SIGNALS:
-        previous[sig] = signal.signal(sig, handler)
+        if signal.getsignal(sig) is not _on_signal:  # (re)install in front of whatever is there now
+            _previous[sig] = signal.signal(sig, _on_signal)
+    _listeners[id(key)] = _loop_notifier(on_signal)
 
-    def restore() -> None:
-        for sig, prior in previous.items():
-            if signal.getsignal(sig) is handler:
-                signal.signal(sig, prior)
+    def stop() -> None:
+        _listeners.pop(id(key), None)
+        if not _listeners:
+            for sig, prior in list(_previous.items()):
+                if signal.getsignal(sig) is _on_signal:
+                    signal.signal(sig, prior)
+            _previous.clear()
 
-    return restore
+    return stop
 
 
 def _loop_notifier(fn: Callable[[], None]) -> Callable[[], None]:
@@ -467,7 +482,7 @@ def _loop_notifier(fn: Callable[[], None]) -> Callable[[], None]:
         token = trio.lowlevel.current_trio_token()
 
         def notify_trio() -> None:
-            with contextlib.suppress(trio.RunFinishedError):  # a handler left behind by a finished run
+            with contextlib.suppress(trio.RunFinishedError):  # a listener left behind by a finished run
                 token.run_sync_soon(fn)
 
         return notify_trio
@@ -476,7 +491,7 @@ def _loop_notifier(fn: Callable[[], None]) -> Callable[[], None]:
     loop = asyncio.get_running_loop()
 
     def notify_asyncio() -> None:
-        with contextlib.suppress(RuntimeError):  # a handler left behind by a closed loop
+        with contextlib.suppress(RuntimeError):  # a listener left behind by a closed loop
             loop.call_soon_threadsafe(fn)
 
     return notify_asyncio

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
 from typing import Any, Literal
 
 import anyio
+import anyio.lowlevel
 from starlette.background import BackgroundTask
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
@@ -245,7 +246,7 @@ class RecordedStreamResponse(Response):
         """Note the client is gone; True if the stream goes on ("continue", with room to)."""
         self._client_gone = True
         session.client_left()
-        if self._continues and self._middleware is not None:
+        if self._continues and self._middleware is not None and self._middleware.owns_background:
             self._reserved = self._middleware.reserve_background()
             if not self._reserved:
                 session.metadata["continue_refused"] = "no room for background streams, or shutting down"
@@ -298,12 +299,15 @@ class RecordedStreamResponse(Response):
         """
         source = self._source
         default_event = self.event
-        hand_off = send is not None and self._middleware is not None
+        hand_off = send is not None and self._middleware is not None and self._middleware.owns_background
         wire = self.format
         custom_wire = type(wire) is not WireFormat
         while True:
-            if hand_off and self._client_gone and self._continues:
-                return None, None
+            if send is not None and self._client_gone:  # seen by the watch (a busy source may not yield to it)
+                if not self._continues:
+                    return Ending.CLIENT_LEFT, None
+                if hand_off:
+                    return None, None
             try:
                 item = await anext(source)
             except StopAsyncIteration:
@@ -344,6 +348,8 @@ class RecordedStreamResponse(Response):
                     if not self._client_left(session):
                         return Ending.CLIENT_LEFT, None
             await session.record(chunk)
+            if not chunk.seq & 31:  # a source and a send that never suspend would starve the loop
+                await anyio.lowlevel.checkpoint()
 
     async def _send(self, send: Send, body: bytes) -> None:
         if not self._client_gone:

@@ -13,7 +13,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.routing import Route
 
-from asgi_stream_recorder import SQLiteRecorder, StreamStatus, recorded_stream
+from asgi_stream_recorder import MemoryRecorder, SQLiteRecorder, StreamStatus, recorded_stream
 
 from .servers import serve
 
@@ -56,3 +56,48 @@ async def test_client_close_cancels_generator_and_records_exactly_what_was_recei
     assert [c.seq for c in chunks] == [1, 2, 3, 4, 5]
     assert record.content == "".join(received)
     assert record.metadata["chunk_count"] == 5
+
+
+async def test_a_busy_source_that_never_awaits_stops_when_the_client_leaves() -> None:
+    """A source that never awaits neither starves the server (the client here shares its event
+    loop) nor outlives its client: the response yields to the loop every few events."""
+    recorder = MemoryRecorder(max_wait=None)
+
+    @recorded_stream(recorder=recorder, ping=None)
+    async def endpoint(request: Request) -> AsyncIterator[str]:
+        i = 0
+        while True:
+            yield f"t{i} "
+            i += 1
+
+    app = Starlette(routes=[Route("/s", endpoint)])
+    async with recorder, serve(app) as url:
+        async with httpx.AsyncClient(timeout=5) as client, aconnect_sse(client, "GET", f"{url}/s") as source:
+            stream_id = source.response.headers["x-stream-id"]
+            async for _ in source.aiter_sse():
+                break
+        with anyio.fail_after(5):
+            while (record := await recorder.get(stream_id)) is None or record.status is StreamStatus.STREAMING:
+                await recorder.flush()
+                await anyio.sleep(0.01)
+    assert record.status is StreamStatus.CANCELLED
+    assert record.chunk_count == record.metadata["chunk_count"] >= 1
+
+
+async def test_generator_may_read_the_request_body_itself() -> None:
+    """A generator awaiting ``request.json()`` gets the body: the disconnect watch does not steal it."""
+    recorder = MemoryRecorder()
+
+    @recorded_stream(recorder=recorder)
+    async def endpoint(request: Request) -> AsyncIterator[str]:
+        body = await request.json()
+        for word in body["prompt"].split():
+            yield word
+
+    app = Starlette(routes=[Route("/s", endpoint, methods=["POST"])])
+    async with recorder, serve(app) as url:
+        for _ in range(5):
+            async with httpx.AsyncClient(timeout=5) as client:
+                async with aconnect_sse(client, "POST", f"{url}/s", json={"prompt": "a b c"}) as source:
+                    received = [event.data async for event in source.aiter_sse()]
+            assert received == ["a", "b", "c"]
