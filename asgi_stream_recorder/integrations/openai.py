@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Mapping
 from typing import Any
@@ -47,6 +48,8 @@ __all__ = [
     "ProviderStreamError",
     "openai_text",
 ]
+
+log = logging.getLogger("asgi_stream_recorder")
 
 #: Event name of recorded tool-call deltas (chat ``delta.tool_calls[i]`` shape, as JSON).
 TOOL_CALL_EVENT = "tool_call"
@@ -101,9 +104,12 @@ async def _close(stream: Any) -> None:
     close = getattr(stream, "aclose", None) or getattr(stream, "close", None)
     if close is None:
         return
-    result = close()
-    if inspect.isawaitable(result):
-        await result
+    try:
+        result = close()
+        if inspect.isawaitable(result):
+            await result
+    except Exception as exc:  # a failed close must not hide how the stream ended
+        log.warning("closing the OpenAI stream raised %r", exc)
 
 
 def _as_dict(item: Any) -> dict[str, Any]:
