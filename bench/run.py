@@ -319,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.only and json_path.exists():
         results = json.loads(json_path.read_text())
     families = args.only or FAMILIES
+    failed: list[str] = []
     started = time.time()
     meta = {"quick": args.quick, "families_run": families, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
             "machine": machine()}
@@ -326,11 +327,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== {name}", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
         module = importlib.import_module(f"bench.{name}")
-        results[name] = module.main(args.quick)
+        try:
+            results[name] = module.main(args.quick)
+        except Exception as exc:  # one family failing must not lose the others
+            import traceback
+
+            traceback.print_exc()
+            print(f"!! {name} failed: {exc!r}", file=sys.stderr, flush=True)
+            results.pop(name, None)
+            failed.append(name)
+            continue
         results[name]["seconds"] = time.perf_counter() - t0
         results[name]["quick"] = args.quick
         print(f"   {name}: {results[name]['seconds']:.1f} s", file=sys.stderr, flush=True)
     meta["seconds"] = time.time() - started
+    meta["failed"] = failed
     meta["machine"]["load_average_at_end"] = os.getloadavg()
     results["meta"] = meta
     json_path.write_text(json.dumps(results, indent=1, default=str) + "\n")
@@ -339,7 +350,9 @@ def main(argv: list[str] | None = None) -> int:
     json_path.write_text(json.dumps(results, indent=1, default=str) + "\n")
     plotted = plot(results, png_path)
     print(f"\nwrote {json_path}" + (f" and {png_path}" if plotted else "") + f" in {meta['seconds']:.0f} s")
-    return 0
+    if failed:
+        print(f"FAILED: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
