@@ -53,7 +53,7 @@ class StreamSession:
 
     __slots__ = (
         "id", "metadata", "recorder", "status", "error", "seq", "count", "char_count", "dropped",
-        "ttft_ms", "client_left_ms", "text_event", "_t0", "_created", "_path", "_method", "_token",
+        "ttft_ms", "client_left_ms", "text_event", "_t0", "created_at", "_path", "_method", "_token",
     )
 
     def __init__(
@@ -79,7 +79,7 @@ class StreamSession:
         self.ttft_ms: float | None = None
         self.client_left_ms: float | None = None
         self._t0 = time.perf_counter()
-        self._created = time.time()
+        self.created_at = time.time()  # epoch seconds
         self._path, self._method = path, method
         self._token: Any = None
 
@@ -95,7 +95,7 @@ class StreamSession:
         self.recorder.start(
             StreamStart(
                 id=self.id,
-                created_at=self._created,
+                created_at=self.created_at,
                 path=self._path,
                 method=self._method,
                 metadata=dict(self.metadata),
@@ -146,7 +146,7 @@ class StreamSession:
         if self.client_left_ms is not None:
             metadata["client_disconnected_at_ms"] = round(self.client_left_ms, 3)
         self.recorder.finish(
-            StreamEnd(self.id, self.status, self._created + duration / 1000.0, self.error, metadata)
+            StreamEnd(self.id, self.status, self.created_at + duration / 1000.0, self.error, metadata)
         )
         if self._token is not None:
             try:

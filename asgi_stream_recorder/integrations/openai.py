@@ -31,7 +31,6 @@ from __future__ import annotations
 import inspect
 import json
 import logging
-import time
 from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Mapping
 from typing import Any
 
@@ -268,7 +267,7 @@ class OpenAIFormat(WireFormat):
 
     def _base(self, session: StreamSession) -> dict[str, Any]:
         meta = session.metadata
-        created = getattr(session, "_created", None) or time.time()
+        created = session.created_at
         chunk: dict[str, Any] = {
             "id": f"chatcmpl-{session.id}",
             "object": "chat.completion.chunk",
