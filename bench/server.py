@@ -110,7 +110,7 @@ async def ttfb(port: int, names: list[str], per: int) -> dict[str, Any]:
 
 def main(quick: bool) -> dict[str, Any]:
     total = 10_000 if quick else 50_000
-    rounds = 2 if quick else 3
+    rounds = 2 if quick else 5
     concurrency = (1, 100) if quick else (1, 10, 100)
     stacks = ["uvicorn-httptools-uvloop"] if quick else list(STACKS)
     out: dict[str, Any] = {"events_per_config": total, "rounds": rounds, "client": "raw asyncio socket reader",
