@@ -302,6 +302,7 @@ class RecordedStreamResponse(Response):
         hand_off = send is not None and self._middleware is not None and self._middleware.owns_background
         wire = self.format
         custom_wire = type(wire) is not WireFormat
+        record_nowait = session.record_nowait
         while True:
             if send is not None and self._client_gone:  # seen by the watch (a busy source may not yield to it)
                 if not self._continues:
@@ -340,14 +341,15 @@ class RecordedStreamResponse(Response):
                 if custom_wire or extra is not None:
                     body = wire.chunk(session, chunk, extra)
                 else:
-                    body = encode_data(text, str(chunk.seq), event)
+                    body = encode_data(text, chunk.seq, event)
                 self._last_send = time.monotonic()
                 try:
                     await send({"type": "http.response.body", "body": body, "more_body": True})
                 except OSError:
                     if not self._client_left(session):
                         return Ending.CLIENT_LEFT, None
-            await session.record(chunk)
+            if not record_nowait(chunk):
+                await session.record(chunk)
             if not chunk.seq & 31:  # a source and a send that never suspend would starve the loop
                 await anyio.lowlevel.checkpoint()
 

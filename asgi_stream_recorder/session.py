@@ -17,6 +17,7 @@ from .recorders.base import Chunk, Recorder, StreamEnd, StreamStart, StreamStatu
 
 __all__ = ["Ending", "StreamSession", "current_stream", "new_stream_id"]
 
+_new_chunk = tuple.__new__
 _current: ContextVar[StreamSession | None] = ContextVar("asgi_stream_recorder_current", default=None)
 _OWNER = process_owner()
 
@@ -53,7 +54,7 @@ class StreamSession:
 
     __slots__ = (
         "id", "metadata", "recorder", "status", "error", "seq", "count", "char_count", "dropped",
-        "ttft_ms", "client_left_ms", "text_event", "_t0", "created_at", "_path", "_method", "_token",
+        "ttft_ms", "client_left_ms", "text_event", "_t0", "created_at", "_path", "_method", "_token", "_put", "_text",
     )
 
     def __init__(
@@ -68,6 +69,8 @@ class StreamSession:
     ) -> None:
         self.id = id or new_stream_id()
         self.recorder = recorder
+        self._put = recorder.try_append
+        self._text: list[str] = []  # the recorded text, so the end needs no read-back
         self.metadata: dict[str, Any] = dict(metadata or {})
         self.text_event = text_event
         self.status = StreamStatus.STREAMING
@@ -111,13 +114,30 @@ class StreamSession:
         at_ms = (time.perf_counter() - self._t0) * 1000.0
         if seq == 1:
             self.ttft_ms = at_ms
-        return Chunk(self.id, seq, data, event, at_ms)
+        return _new_chunk(Chunk, (self.id, seq, data, event, at_ms))  # Chunk(...) without its slow __new__
+
+    def record_nowait(self, chunk: Chunk) -> bool:
+        """Queue a sent chunk if the recorder has room (the usual case); False: ``await record``."""
+        if self._put(chunk):  # (what _recorded does, inlined: this runs once per event)
+            self.count += 1
+            self.char_count += len(chunk.data)
+            if chunk.event == self.text_event:
+                self._text.append(chunk.data)
+            return True
+        return False
+
+    def _recorded(self, chunk: Chunk) -> None:
+        self.count += 1
+        self.char_count += len(chunk.data)
+        if chunk.event == self.text_event:
+            self._text.append(chunk.data)
 
     async def record(self, chunk: Chunk) -> None:
-        """Queue a sent chunk for the record (waits only while the recorder's queue is full)."""
-        self.char_count += len(chunk.data)
-        if self.recorder.try_append(chunk) or await self.recorder.append(chunk):
-            self.count += 1
+        """Queue a sent chunk for the record, waiting while the recorder's queue is full (per its policy)."""
+        if self.record_nowait(chunk):
+            return
+        if await self.recorder.append(chunk):
+            self._recorded(chunk)
         else:
             self.dropped += 1
 
@@ -146,7 +166,8 @@ class StreamSession:
         if self.client_left_ms is not None:
             metadata["client_disconnected_at_ms"] = round(self.client_left_ms, 3)
         self.recorder.finish(
-            StreamEnd(self.id, self.status, self.created_at + duration / 1000.0, self.error, metadata)
+            StreamEnd(self.id, self.status, self.created_at + duration / 1000.0, self.error, metadata,
+                      content="".join(self._text), chunk_count=self.count)
         )
         if self._token is not None:
             try:

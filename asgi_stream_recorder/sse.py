@@ -96,17 +96,17 @@ def _lines(text: str) -> list[str]:
     return text.split("\n")
 
 
-def encode_data(text: str, id: str | None = None, event: str | None = None) -> bytes:
+def encode_data(text: str, id: str | int | None = None, event: str | None = None) -> bytes:
     """Encode a data event. ``id`` and ``event`` must already be validated single lines."""
     if "\n" in text or "\r" in text:
-        body = "data: " + "\ndata: ".join(_lines(text))
-    else:
-        body = "data: " + text
-    if event is not None:
-        body = "event: " + event + "\n" + body
-    if id is not None:
-        body = "id: " + id + "\n" + body
-    return (body + "\n\n").encode("utf-8")
+        text = "\ndata: ".join(_lines(text))
+    if event is None:
+        if id is None:
+            return f"data: {text}\n\n".encode()
+        return f"id: {id}\ndata: {text}\n\n".encode()
+    if id is None:
+        return f"event: {event}\ndata: {text}\n\n".encode()
+    return f"id: {id}\nevent: {event}\ndata: {text}\n\n".encode()
 
 
 def encode(event: ServerSentEvent) -> bytes:

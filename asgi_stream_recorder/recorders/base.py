@@ -75,13 +75,16 @@ class StreamStart:
 
 @dataclass(slots=True)
 class StreamEnd:
-    """A stream's final state; the backend also freezes its content and chunk count."""
+    """A stream's final state. The backend freezes its content and chunk count: those given
+    here (the session knows them) or, when None, computed from the stored chunks."""
 
     id: str
     status: StreamStatus
     completed_at: float  # epoch seconds
     error: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    content: str | None = None
+    chunk_count: int | None = None
 
 
 @dataclass(slots=True)
@@ -175,6 +178,8 @@ class Recorder(abc.ABC):
             self.write,
             Policy(batch_size=batch_size, interval=flush_interval, max_pending=max_pending, max_wait=max_wait),
         )
+        #: Queue a chunk if there is room; False means the caller must ``await append``.
+        self.try_append: Callable[[Chunk], bool] = self._writer.try_put
         self._opened = False
         #: True when opened by the user or the middleware, who will close it; a lazily
         #: opened recorder is flushed at the end of each stream instead.
@@ -222,9 +227,6 @@ class Recorder(abc.ABC):
     def start(self, start: StreamStart) -> None:
         self._writer.put_start(start)
 
-    def try_append(self, chunk: Chunk) -> bool:
-        """Queue a chunk if there is room; False means the caller must ``await append``."""
-        return self._writer.try_put(chunk)
 
     async def append(self, chunk: Chunk) -> bool:
         """Queue a chunk, waiting for room per the policy; False if it had to be dropped."""

@@ -90,6 +90,7 @@ class BufferedWriter:
         self._write = write
         self._batch_type = Batch
         self.policy = policy
+        self._max_pending, self._batch_size = policy.max_pending, policy.batch_size
         self._pending: Batch = Batch()
         self._queued = 0  # ops ever queued
         self._written = 0  # ops ever written (or given up on at stop)
@@ -166,14 +167,14 @@ class BufferedWriter:
         self._wake()
 
     def try_put(self, chunk: Chunk) -> bool:
-        chunks = self._pending.chunks
-        n = len(chunks)
-        if self._queued - self._written >= self.policy.max_pending:
+        if self._queued - self._written >= self._max_pending:
             return False
+        chunks = self._pending.chunks
         chunks.append(chunk)
         self._queued += 1
-        if n == 0 or n + 1 >= self.policy.batch_size:
-            self._wake(hurry=n + 1 >= self.policy.batch_size)
+        n = len(chunks)
+        if n == 1 or n == self._batch_size:  # later chunks find the writer already woken
+            self._wake(hurry=n == self._batch_size)
         return True
 
     async def put(self, chunk: Chunk) -> bool:
