@@ -167,6 +167,13 @@ def chat_page(framework: str) -> str:
     return (STATIC / "chat.html").read_text(encoding="utf-8").replace("{{framework}}", framework)
 
 
+def may_read_streams(client_host: str | None) -> bool:
+    """The authorization hook for reading recorded streams. The demo serves its own machine, so
+    it lets only loopback clients read; a real app checks the signed-in user here (recorded
+    streams hold what your users typed)."""
+    return client_host in ("127.0.0.1", "::1", "localhost")
+
+
 def stream_json(record: StreamRecord) -> dict[str, Any]:
     """What the page's list of recent streams shows about one stream."""
     meta = record.metadata

@@ -44,7 +44,7 @@ async def _uvicorn(app: Any, lifespan: str) -> AsyncIterator[str]:
     async with anyio.create_task_group() as tg:
         tg.start_soon(server.serve, [sock])
         with anyio.fail_after(10):
-            while not server.started:
+            while not server.started:  # noqa: ASYNC110 - uvicorn exposes only a flag
                 await anyio.sleep(0.01)
         try:
             yield f"http://127.0.0.1:{port}"

@@ -74,6 +74,21 @@ async def test_page_is_served(name: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("name", EXAMPLES)
+async def test_recorded_streams_are_only_listed_to_authorized_clients(name: str, tmp_path: Path) -> None:
+    """The examples' authorization hook: the list of recorded streams is for loopback clients only."""
+    app = EXAMPLES[name](db_path=str(tmp_path / "streams.db"))
+    outsider = httpx.ASGITransport(app=app, client=("203.0.113.7", 40000))  # a scope value only: no traffic
+    local = httpx.ASGITransport(app=app, client=("127.0.0.1", 40000))
+    with anyio.fail_after(10):
+        async with httpx.AsyncClient(transport=outsider, base_url="http://demo") as client:
+            denied = await client.get("/api/streams")
+        async with httpx.AsyncClient(transport=local, base_url="http://demo") as client:
+            allowed = await client.get("/api/streams")
+    assert denied.status_code in (401, 403) and "streams" not in denied.json()
+    assert allowed.status_code == 200 and allowed.json()["streams"] == []
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
 async def test_example_streams_over_get_and_post_and_records_every_stream(name: str, tmp_path: Path) -> None:
     db = tmp_path / "streams.db"
     app = EXAMPLES[name](db_path=str(db), token_delay=0.02)

@@ -7,14 +7,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
-from fastapi import FastAPI, Query
+from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse
 from pydantic import BaseModel, Field
 
 from asgi_stream_recorder import SQLiteRecorder, recorded_stream
 from asgi_stream_recorder.middleware import StreamRecorderMiddleware
 
-from ..common import Settings, Token, chat_page, generate, stream_json
+from ..common import Settings, Token, chat_page, generate, may_read_streams, stream_json
 
 __all__ = ["ChatRequest", "create_app"]
 
@@ -65,7 +65,9 @@ def create_app(*, db_path: str | None = None, token_delay: float | None = None) 
             yield token
 
     @app.get("/api/streams")
-    async def streams(limit: Annotated[int, Query(ge=1, le=100)] = 10) -> dict[str, Any]:
+    async def streams(request: Request, limit: Annotated[int, Query(ge=1, le=100)] = 10) -> dict[str, Any]:
+        if not may_read_streams(request.client.host if request.client else None):
+            raise HTTPException(status_code=403, detail="not allowed to read recorded streams")
         await recorder.flush()  # include what is still queued for the database
         records = await recorder.list_streams(limit=limit)
         return {"source": settings.source, "streams": [stream_json(r) for r in records]}

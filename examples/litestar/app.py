@@ -8,15 +8,16 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from litestar import Litestar, MediaType, get, post
+from litestar import Litestar, MediaType, Request, get, post
 from litestar.enums import RequestEncodingType
+from litestar.exceptions import NotAuthorizedException
 from litestar.middleware import DefineMiddleware
 from litestar.params import Body, Parameter
 
 from asgi_stream_recorder import SQLiteRecorder, recorded_stream
 from asgi_stream_recorder.middleware import StreamRecorderMiddleware
 
-from ..common import Settings, Token, chat_page, generate, stream_json
+from ..common import Settings, Token, chat_page, generate, may_read_streams, stream_json
 
 __all__ = ["ChatRequest", "create_app"]
 
@@ -70,7 +71,11 @@ def create_app(*, db_path: str | None = None, token_delay: float | None = None) 
             yield token
 
     @get("/api/streams")
-    async def streams(limit: Annotated[int, Parameter(description="how many", ge=1, le=100)] = 10) -> dict[str, Any]:
+    async def streams(
+        request: Request[Any, Any, Any], limit: Annotated[int, Parameter(description="how many", ge=1, le=100)] = 10
+    ) -> dict[str, Any]:
+        if not may_read_streams(request.client.host if request.client else None):
+            raise NotAuthorizedException("not allowed to read recorded streams")
         await recorder.flush()  # include what is still queued for the database
         records = await recorder.list_streams(limit=limit)
         return {"source": settings.source, "streams": [stream_json(r) for r in records]}
