@@ -6,8 +6,8 @@
 * ``naive``: the usual chat-persistence loop, an ``INSERT`` and a ``COMMIT`` per chunk through
   aiosqlite on one shared connection (same schema, same WAL + synchronous=NORMAL pragmas).
 * ``to_thread`` vs ``aiosqlite``: the same 2,000-chunk batches written by ``SQLiteRecorder.write``
-  (stdlib sqlite3 in an anyio worker thread, one hop per batch) and by aiosqlite on asyncio
-  (``executemany`` in one transaction).
+  (stdlib sqlite3 in an anyio worker thread, one hop per batch) and, with the same schema and
+  statements, by aiosqlite on asyncio (one transaction per batch).
 * ``asyncio`` vs ``trio``: the buffered path, 1 stream, on each event loop.
 
 Every run writes into a fresh database file so that no contender inherits a bigger B-tree.
@@ -143,13 +143,22 @@ async def to_thread_rate(path: str, batches: list[list[Chunk]]) -> float:
 
 
 async def aiosqlite_rate(path: str, batches: list[list[Chunk]]) -> float:
-    db = await _naive_connect(path)
+    """The same batches, the same schema and statements as ``SQLiteRecorder.write``, through aiosqlite."""
+    import aiosqlite
+
+    from asgi_stream_recorder.recorders.sqlite import _INSERT_SEGMENT, _segments
+
+    schema = SQLiteRecorder(path)
+    await schema.connect()  # creates our schema
+    await schema.disconnect()
+    db = await aiosqlite.connect(path, isolation_level=None)
     try:
+        await db.execute("PRAGMA synchronous=NORMAL")
         t0 = time.perf_counter()
         for chunks in batches:
             await db.execute("BEGIN IMMEDIATE")
-            await db.executemany(_INSERT, chunks)
-            await db.commit()
+            await db.executemany(_INSERT_SEGMENT, _segments(chunks))
+            await db.execute("COMMIT")
         dt = time.perf_counter() - t0
     finally:
         await db.close()
