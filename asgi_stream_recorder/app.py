@@ -30,7 +30,7 @@ from .decorator import recorded_stream
 from .recorders import Recorder
 from .response import OnDisconnect, RecordedStreamResponse, WireFormat
 
-__all__ = ["StreamApp", "stream_app"]
+__all__ = ["StreamApp", "answer_lifespan", "stream_app"]
 
 
 class StreamApp:
@@ -54,7 +54,7 @@ class StreamApp:
         if kind == "http":
             await self._http(scope, receive, send)
         elif kind == "lifespan":
-            await _lifespan(receive, send)
+            await answer_lifespan(receive, send)
         elif kind == "websocket":
             await receive()  # websocket.connect
             await send({"type": "websocket.close", "code": 1003, "reason": "event streams only"})
@@ -68,14 +68,11 @@ class StreamApp:
             await PlainTextResponse("Method Not Allowed", 405, headers={"allow": allowed})(scope, receive, send)
             return
         request = Request(scope, receive, send)
-        # Read the body now: the response's disconnect watch reads `receive` beside the
-        # generator, and must not be the one to take the body's messages.
-        await request.body()
         response: RecordedStreamResponse = await self._endpoint(request)
         await response(scope, receive, send)
 
 
-async def _lifespan(receive: Receive, send: Send) -> None:
+async def answer_lifespan(receive: Receive, send: Send) -> None:
     """Nothing to set up: answer startup and shutdown (so servers and middleware are content)."""
     while True:
         message: Message = await receive()

@@ -31,6 +31,7 @@ import anyio
 import sniffio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .app import answer_lifespan
 from .recorders import Recorder, default_recorder
 from .recorders.base import is_orphan
 from .response import SCOPE_KEY, SSE_HEADERS, going_away_event
@@ -232,22 +233,13 @@ class StreamRecorderMiddleware:
                 if phase != "before":
                     raise
                 # The app does not speak lifespan: speak it for our own part.
-                await self._own_lifespan(lifespan_receive, send)
+                await answer_lifespan(lifespan_receive, send)
             finally:
                 if phase == "started":  # the app returned without a shutdown message
                     with anyio.CancelScope(shield=True):
                         await self._shutdown()
                 self._background = None
                 background.cancel_scope.cancel()
-
-    async def _own_lifespan(self, receive: Receive, send: Send) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
 
 
 class _WireTap(Stoppable):

@@ -23,7 +23,7 @@ from starlette.types import Receive, Scope, Send
 from .recorders import Recorder, default_recorder
 from .recorders.base import Chunk
 from .session import Ending, StreamSession, new_stream_id
-from .sse import PING, ServerSentEvent, encode, encode_data
+from .sse import PING, ServerSentEvent, encode, encode_data, to_text
 
 __all__ = ["SCOPE_KEY", "SSE_HEADERS", "OnDisconnect", "RecordedStreamResponse", "WireFormat", "going_away_event"]
 
@@ -390,15 +390,8 @@ class RecordedStreamResponse(Response):
 
 def _item_text(item: Any) -> str:
     """Text of a yielded item other than str/ServerSentEvent (the str case is inlined above)."""
-    if isinstance(item, str):
-        return item
-    if isinstance(item, (bytes, bytearray, memoryview)):
-        try:
-            return bytes(item).decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise ValueError(f"a yielded bytes item is not valid UTF-8: {exc}") from None
-    if isinstance(item, (dict, list)):
-        return ServerSentEvent(item).text or ""
+    if isinstance(item, (str, bytes, bytearray, memoryview, dict, list)):
+        return to_text(item)
     raise TypeError(
         f"a recorded stream cannot send an item of type {type(item).__module__}.{type(item).__qualname__}: "
         "yield str, bytes, dict, list or ServerSentEvent"

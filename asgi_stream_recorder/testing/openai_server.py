@@ -23,6 +23,8 @@ from typing import Any, Literal
 
 import anyio
 
+from ..app import answer_lifespan
+
 __all__ = ["FakeOpenAI", "FakeRequest", "FakeToolCall", "split_tokens"]
 
 Scope = MutableMapping[str, Any]
@@ -141,13 +143,8 @@ class FakeOpenAI:
     # -- ASGI ------------------------------------------------------------------------------
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await answer_lifespan(receive, send)
+            return
         if scope["type"] != "http":
             return
         path: str = scope["path"]
