@@ -199,7 +199,7 @@ class RecordedStreamResponse(Response):
         ending: Ending | None = Ending.INTERRUPTED  # what it is if we are cancelled from outside
         error: BaseException | None = None
         try:
-            self._last_send = time.monotonic()
+            self._last_send = time.perf_counter()
             try:
                 await send(self._start_message(scope))
             except OSError:
@@ -211,7 +211,7 @@ class RecordedStreamResponse(Response):
                         tg.cancel_scope.cancel()
                     tg.start_soon(self._watch_disconnect, receive, tg.cancel_scope, session)
                     if self.ping is not None:
-                        tg.start_soon(self._keepalive, send, self.ping)
+                        tg.start_soon(self._keepalive, send, self.ping, session)
                     ending, error = await self._pump(session, send)
                     tg.cancel_scope.cancel()
             if ending is None:  # the client left a "continue" stream: the middleware runs the rest
@@ -340,9 +340,10 @@ class RecordedStreamResponse(Response):
             if send is not None and not self._client_gone:
                 if custom_wire or extra is not None:
                     body = wire.chunk(session, chunk, extra)
+                elif event is None and "\n" not in text and "\r" not in text:  # the common token: inline
+                    body = f"id: {chunk.seq}\ndata: {text}\n\n".encode()
                 else:
                     body = encode_data(text, chunk.seq, event)
-                self._last_send = time.monotonic()
                 try:
                     await send({"type": "http.response.body", "body": body, "more_body": True})
                 except OSError:
@@ -355,7 +356,7 @@ class RecordedStreamResponse(Response):
 
     async def _send(self, send: Send, body: bytes) -> None:
         if not self._client_gone:
-            self._last_send = time.monotonic()
+            self._last_send = time.perf_counter()
             try:
                 await send({"type": "http.response.body", "body": body, "more_body": True})
             except OSError:
@@ -367,9 +368,10 @@ class RecordedStreamResponse(Response):
         if not self._client_left(session):
             scope.cancel()
 
-    async def _keepalive(self, send: Send, interval: float) -> None:
+    async def _keepalive(self, send: Send, interval: float, session: StreamSession) -> None:
         while not self._client_gone:
-            idle = time.monotonic() - self._last_send
+            # Since the last byte sent: a chunk (timed by the session) or a comment/ping (by _send).
+            idle = min(time.perf_counter() - self._last_send, session.idle_seconds())
             if idle >= interval:
                 await self._send(send, PING)
                 idle = 0.0

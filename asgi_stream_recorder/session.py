@@ -54,7 +54,8 @@ class StreamSession:
 
     __slots__ = (
         "id", "metadata", "recorder", "status", "error", "seq", "count", "char_count", "dropped",
-        "ttft_ms", "client_left_ms", "text_event", "_t0", "created_at", "_path", "_method", "_token", "_put", "_text",
+        "ttft_ms", "client_left_ms", "text_event", "created_at",
+        "_t0", "_path", "_method", "_token", "_put", "_text", "_last_at",
     )
 
     def __init__(
@@ -81,13 +82,17 @@ class StreamSession:
         self.dropped = 0
         self.ttft_ms: float | None = None
         self.client_left_ms: float | None = None
-        self._t0 = time.perf_counter()
+        self._t0 = self._last_at = time.perf_counter()
         self.created_at = time.time()  # epoch seconds
         self._path, self._method = path, method
         self._token: Any = None
 
     def __repr__(self) -> str:
         return f"<StreamSession {self.id} {self.status.value} seq={self.seq}>"
+
+    def idle_seconds(self) -> float:
+        """Seconds since the last chunk (or the start)."""
+        return time.perf_counter() - self._last_at
 
     def elapsed_ms(self) -> float:
         return (time.perf_counter() - self._t0) * 1000.0
@@ -111,7 +116,8 @@ class StreamSession:
     def chunk(self, data: str, event: str | None = None) -> Chunk:
         """The next chunk (its ``seq`` is the SSE id); call :meth:`record` once it is sent."""
         self.seq = seq = self.seq + 1
-        at_ms = (time.perf_counter() - self._t0) * 1000.0
+        self._last_at = at = time.perf_counter()
+        at_ms = (at - self._t0) * 1000.0
         if seq == 1:
             self.ttft_ms = at_ms
         return _new_chunk(Chunk, (self.id, seq, data, event, at_ms))  # Chunk(...) without its slow __new__
