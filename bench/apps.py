@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 from fastapi import FastAPI
 from fastapi.sse import EventSourceResponse as FastAPIEventSourceResponse
 from sse_starlette.sse import EventSourceResponse
@@ -135,7 +136,7 @@ def build_server_app() -> Any:
     @recorded_stream(recorder=sqlite)
     async def load(request: Request) -> AsyncIterator[str]:
         for i in range(n_of(request)):
-            await anyio.sleep(0)
+            await anyio.lowlevel.checkpoint()
             yield f"t{i} "
 
     # idle, pinging streams (memory benchmark): one token, then silence with keep-alive pings

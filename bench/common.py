@@ -33,7 +33,7 @@ def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
     ordered = sorted(values)
-    k = max(0, min(len(ordered) - 1, int(round(q / 100.0 * len(ordered) + 0.5)) - 1))
+    k = max(0, min(len(ordered) - 1, round(q / 100.0 * len(ordered) + 0.5) - 1))
     return float(ordered[k])
 
 
@@ -207,7 +207,9 @@ STACKS = {
 
 
 @contextlib.contextmanager
-def server(app: str, stack: str, env: dict[str, str] | None = None, timeout: float = 600.0) -> Iterator[tuple[int, int]]:
+def server(
+    app: str, stack: str, env: dict[str, str] | None = None, timeout: float = 600.0
+) -> Iterator[tuple[int, int]]:
     """Run ``bench.apps:<app>`` under uvicorn in a subprocess on 127.0.0.1; yield (port, pid).
 
     The process is bounded in time by ``timeout`` (killed after it) and stopped on exit.

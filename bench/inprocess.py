@@ -83,7 +83,7 @@ async def run(quick: bool) -> dict[str, Any]:
             async def go() -> float:
                 t0 = time.perf_counter()
                 app = await make()
-                nbytes, nmsgs = await call(app, scope if app is not fast else fscope)
+                _nbytes, nmsgs = await call(app, scope if app is not fast else fscope)
                 streamed = time.perf_counter() - t0
                 if recorder is not None:
                     await recorder.flush()
@@ -126,13 +126,13 @@ async def run(quick: bool) -> dict[str, Any]:
         results["sqlite_rows_written"] = sqlite.stats["written"]
     s = summary(samples)
     raw, sse = s["raw"]["median"], s["sse_starlette"]["median"]
-    for name, entry in s.items():
+    for entry in s.values():
         entry["ratio_to_raw"] = entry["median"] / raw
         entry["ratio_to_sse_starlette"] = entry["median"] / sse
     results["events_per_s"] = s
     results["recorded_vs_unrecorded"] = s["ours_sqlite"]["median"] / s["ours_null"]["median"]
     # The same pair, but as per-round ratios (each round ran both back to back): a steadier figure.
-    pairs = [a / b for a, b in zip(samples["ours_sqlite"], samples["ours_null"])]
+    pairs = [a / b for a, b in zip(samples["ours_sqlite"], samples["ours_null"], strict=True)]
     results["recorded_vs_unrecorded_per_round"] = pairs
     results["recorded_vs_unrecorded_median_of_round_ratios"] = sorted(pairs)[len(pairs) // 2]
     return results

@@ -27,7 +27,7 @@ STACK = "uvicorn-httptools-uvloop"
 
 
 def _raise_nofile() -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
@@ -39,7 +39,7 @@ async def idle(port: int, pid: int, path: str, n: int, hold: float) -> dict[str,
     for s in warm:
         await s.close()
     await asyncio.sleep(0.5)
-    base_rss, base_hwm = rss_kib(pid)
+    base_rss, _base_hwm = rss_kib(pid)
     streams = [RawStream(port, path) for _ in range(n)]
     t0 = time.perf_counter()
     for k in range(0, n, 250):  # open in waves: the accept backlog is finite

@@ -180,7 +180,7 @@ def print_table(res: dict[str, Any]) -> list[dict[str, Any]]:
     widths = [max(len(r[i]) for r in table) for i in range(4)] if table else [0] * 4
     print()
     for r in table:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)))
     print("\nTargets")
     for t in targets:
         v = t["measured"]

@@ -164,7 +164,7 @@ def main(quick: bool) -> dict[str, Any]:
 
                 say("   time to first byte: recording off vs SQLite (fresh connection per request)")
                 per = 20 if quick else 200
-                out["ttfb"] = bounded(lambda: ttfb(port, ["raw", "ours_null", "ours_sqlite"], per))
+                out["ttfb"] = bounded(lambda per=per: ttfb(port, ["raw", "ours_null", "ours_sqlite"], per))
                 out["ttfb"]["stack"] = stack
                 t = out["ttfb"]
                 t["added_by_recording_ms_median"] = (
