@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Coroutine
 from types import FrameType
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 import sniffio
@@ -45,11 +45,10 @@ log = logging.getLogger("asgi_stream_recorder")
 _SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGINT", None)) if s is not None)
 
 
-class Stoppable:
+class Stoppable(Protocol):
     """Something the middleware can end at shutdown: a decorated response or a wire tap."""
 
-    def interrupt(self) -> None:  # pragma: no cover - interface
-        raise NotImplementedError
+    def interrupt(self) -> None: ...
 
 
 class RequestState:
@@ -242,7 +241,7 @@ class StreamRecorderMiddleware:
                 background.cancel_scope.cancel()
 
 
-class _WireTap(Stoppable):
+class _WireTap:
     """One HTTP request through the middleware: SSE headers, disconnect watch for
     undecorated event streams, and (``record_all_sse``) their recording from the wire."""
 
