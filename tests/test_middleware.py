@@ -25,27 +25,16 @@ from asgi_stream_recorder import (
     MemoryRecorder,
     Recorder,
     SQLiteRecorder,
-    StreamRecord,
     StreamStatus,
     current_stream,
     recorded_stream,
 )
 from asgi_stream_recorder.middleware import StreamRecorderMiddleware
+from asgi_stream_recorder.testing import wait_recorded
 
 from .servers import serve
 
 pytestmark = pytest.mark.anyio
-
-
-async def settled(recorder: Recorder, stream_id: str) -> StreamRecord:
-    """The record once it has left ``streaming`` (bounded wait)."""
-    with anyio.fail_after(5):
-        while True:
-            await recorder.flush()
-            record = await recorder.get(stream_id)
-            if record is not None and record.status is not StreamStatus.STREAMING:
-                return record
-            await anyio.sleep(0.01)
 
 
 async def test_lifespan_opens_and_drains_the_recorder(tmp_path: Path) -> None:
@@ -184,7 +173,7 @@ async def test_continue_runs_the_generator_to_its_end_after_the_client_left() ->
         gate.set()
         with anyio.fail_after(5):
             await finished.wait()
-        record = await settled(recorder, stream_id)
+        record = await wait_recorded(recorder, stream_id)
     assert record.status is StreamStatus.COMPLETED
     assert record.content == "".join(f"t{i} " for i in range(10))
     assert record.chunk_count == 10
@@ -216,7 +205,7 @@ async def test_continue_beyond_the_background_limit_is_cancelled_and_says_why() 
         gate.set()
         with anyio.fail_after(5):
             await closed.wait()
-        record = await settled(recorder, stream_id)
+        record = await wait_recorded(recorder, stream_id)
     assert record.status is StreamStatus.CANCELLED
     assert record.content == "one"
     assert "continue_refused" in record.metadata
@@ -232,7 +221,7 @@ async def _read_events(url: str) -> tuple[str, list[tuple[str, str]]]:
 async def _assert_wire_recorded(app: Any, recorder: Recorder, path: str = "/s") -> list[tuple[str, str]]:
     async with serve(StreamRecorderMiddleware(app, recorder=recorder, record_all_sse=True)) as url:
         stream_id, received = await _read_events(f"{url}{path}")
-        record = await settled(recorder, stream_id)
+        record = await wait_recorded(recorder, stream_id)
         chunks = await recorder.chunks(stream_id)
     assert record.status is StreamStatus.COMPLETED
     assert record.metadata["recorded_from"] == "wire"
@@ -314,7 +303,7 @@ async def test_record_all_sse_does_not_record_decorated_streams_twice() -> None:
     app = StreamRecorderMiddleware(Starlette(routes=[Route("/s", endpoint)]), recorder=recorder, record_all_sse=True)
     async with serve(app) as url:
         stream_id, received = await _read_events(f"{url}/s")
-        await settled(recorder, stream_id)
+        await wait_recorded(recorder, stream_id)
         streams = await recorder.list_streams()
     assert received == [("message", "only once")]
     assert [s.id for s in streams] == [stream_id]
@@ -346,7 +335,7 @@ async def test_undecorated_stream_is_cancelled_when_the_client_leaves() -> None:
                     break
         with anyio.fail_after(5):
             await finally_ran.wait()
-        record = await settled(recorder, stream_id)
+        record = await wait_recorded(recorder, stream_id)
     assert record.status is StreamStatus.CANCELLED
     assert [c.data for c in await recorder.chunks(stream_id)] == received == ["t0", "t1", "t2"]
 
@@ -369,7 +358,7 @@ async def test_idle_undecorated_stream_gets_pings_between_events_that_are_not_re
     async with serve(app) as url, httpx.AsyncClient(timeout=5) as client:
         response = await client.get(f"{url}/s")
         stream_id = response.headers["x-stream-id"]
-        record = await settled(recorder, stream_id)
+        record = await wait_recorded(recorder, stream_id)
         chunks = await recorder.chunks(stream_id)
     wire = response.text
     head, _, tail = wire.partition("data: two\n")

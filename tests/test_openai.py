@@ -38,6 +38,7 @@ from asgi_stream_recorder import (
     recorded_stream,
 )
 from asgi_stream_recorder.integrations.openai import OpenAIFormat, openai_text
+from asgi_stream_recorder.testing import wait_recorded
 from asgi_stream_recorder.testing.openai_server import FAILURE_MESSAGE, FakeOpenAI, FakeToolCall
 
 from .servers import serve
@@ -52,21 +53,11 @@ USAGE = {"prompt_tokens": 11, "completion_tokens": 8, "total_tokens": 19}
 MESSAGES: list[Any] = [{"role": "user", "content": "Say hello"}]
 
 
-async def wait_record(recorder: MemoryRecorder, stream_id: str) -> StreamRecord:
-    with anyio.fail_after(5):
-        while True:
-            await recorder.flush()
-            record = await recorder.get(stream_id)
-            if record is not None and record.status is not StreamStatus.STREAMING:
-                return record
-            await anyio.sleep(0.01)
-
-
 async def only_record(recorder: MemoryRecorder) -> StreamRecord:
     """The one stream recorded, once it has ended."""
     await recorder.flush()
     [summary] = await recorder.list_streams()
-    return await wait_record(recorder, summary.id)
+    return await wait_recorded(recorder, summary.id)
 
 
 async def fetch_sse(url: str) -> tuple[str, list[ServerSentEvent], bytes]:
@@ -135,7 +126,7 @@ async def test_openai_stream_is_recorded_with_exact_text_usage_and_metadata(api:
         async with serve(in_app(recorder, client, api, style)) as url:
             stream_id, events, raw = await fetch_sse(f"{url}/chat")
         await client.close()
-        record = await wait_record(recorder, stream_id)
+        record = await wait_recorded(recorder, stream_id)
         chunks = await recorder.chunks(stream_id)
     assert [e.data for e in events] == TOKENS  # each provider delta is one event, unsplit
     assert record.status is StreamStatus.COMPLETED, record.error
@@ -168,7 +159,7 @@ async def test_tool_calls_are_recorded_as_their_own_events(api: str) -> None:
         async with serve(in_app(recorder, client, api)) as url:
             stream_id, events, _ = await fetch_sse(f"{url}/chat")
         await client.close()
-        record = await wait_record(recorder, stream_id)
+        record = await wait_recorded(recorder, stream_id)
         chunks = await recorder.chunks(stream_id)
     assert record.status is StreamStatus.COMPLETED, record.error
     assert record.content == "Let me check."  # tool calls stay out of the text
@@ -196,7 +187,7 @@ async def test_provider_failure_mid_stream_records_failed_with_partial_text(api:
         async with serve(in_app(recorder, client, api)) as url:
             stream_id, events, raw = await fetch_sse(f"{url}/chat")
         await client.close()
-        record = await wait_record(recorder, stream_id)
+        record = await wait_recorded(recorder, stream_id)
         chunks = await recorder.chunks(stream_id)
     partial = "".join(TOKENS[:3])
     assert record.status is StreamStatus.FAILED
@@ -238,7 +229,7 @@ async def test_client_leaving_closes_the_provider_stream(api: str) -> None:
                         break
                     await anyio.sleep(0.01)
         await client.close()
-        record = await wait_record(recorder, stream_id)
+        record = await wait_recorded(recorder, stream_id)
     assert fake.completed_streams == 0
     assert record.status is StreamStatus.CANCELLED
     assert record.content.startswith("".join(received)) and len(record.content) < len(fake.full_text)
