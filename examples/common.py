@@ -55,6 +55,12 @@ class Settings:
 
     _openai_client: Any = field(default=None, init=False, repr=False)
 
+    @classmethod
+    def overridden(cls, *, db_path: str | None = None, token_delay: float | None = None) -> Settings:
+        """The environment's settings, with what the app factory was given instead."""
+        given = {"db_path": db_path, "token_delay": token_delay}
+        return cls(**{name: value for name, value in given.items() if value is not None})
+
     @property
     def source(self) -> str:
         return "openai" if self.openai_api_key else "offline"

@@ -145,17 +145,20 @@ class _State:
         self.tool_count = 0
         self.saw_tool_call = False
 
-    def chat_chunk(self, chunk: dict[str, Any]) -> list[str | ServerSentEvent]:
-        meta = self.metadata
-        meta["openai_api"] = "chat.completions"
-        for key, name in (("model", "model"), ("id", "response_id"), ("system_fingerprint", "system_fingerprint"),
-                          ("service_tier", "service_tier")):
-            value = chunk.get(key)
+    def _note(self, source: Mapping[str, Any], *fields: tuple[str, str]) -> None:
+        """Copy the given fields (and the usage, in one shape for both APIs) into the metadata."""
+        for key, name in fields:
+            value = source.get(key)
             if value is not None:
-                meta[name] = value
-        usage = _chat_usage(chunk.get("usage"))
+                self.metadata[name] = value
+        usage = _chat_usage(source.get("usage"))
         if usage is not None:
-            meta["usage"] = usage
+            self.metadata["usage"] = usage
+
+    def chat_chunk(self, chunk: dict[str, Any]) -> list[str | ServerSentEvent]:
+        self.metadata["openai_api"] = "chat.completions"
+        self._note(chunk, ("model", "model"), ("id", "response_id"), ("system_fingerprint", "system_fingerprint"),
+                   ("service_tier", "service_tier"))
         out: list[str | ServerSentEvent] = []
         for choice in chunk.get("choices") or ():
             index = choice.get("index", 0)
@@ -172,7 +175,7 @@ class _State:
                     out.append(ServerSentEvent({"index": 0, "type": "function", "function": delta["function_call"]},
                                                event=TOOL_CALL_EVENT))
                 if choice.get("finish_reason"):
-                    meta["finish_reason"] = choice["finish_reason"]
+                    self.metadata["finish_reason"] = choice["finish_reason"]
             elif content:  # n > 1: further choices are kept, as their own events
                 out.append(ServerSentEvent({"index": index, "content": content}, event="choice"))
         return out
@@ -223,22 +226,15 @@ class _State:
         return index
 
     def _response(self, response: Mapping[str, Any]) -> None:
-        meta = self.metadata
-        for key, name in (("model", "model"), ("id", "response_id"), ("status", "status"),
-                          ("service_tier", "service_tier")):
-            value = response.get(key)
-            if value is not None:
-                meta[name] = value
-        usage = _chat_usage(response.get("usage"))
-        if usage is not None:
-            meta["usage"] = usage
+        self._note(response, ("model", "model"), ("id", "response_id"), ("status", "status"),
+                   ("service_tier", "service_tier"))
         status = response.get("status")
         if status == "completed":
-            meta["finish_reason"] = "tool_calls" if self.saw_tool_call else "stop"
+            self.metadata["finish_reason"] = "tool_calls" if self.saw_tool_call else "stop"
         elif status == "incomplete":
             details = response.get("incomplete_details") or {}
             reason = details.get("reason") if isinstance(details, Mapping) else None
-            meta["finish_reason"] = "content_filter" if reason == "content_filter" else "length"
+            self.metadata["finish_reason"] = "content_filter" if reason == "content_filter" else "length"
 
 
 # -- out ---------------------------------------------------------------------------------------

@@ -26,11 +26,7 @@ class ChatRequest(BaseModel):
 
 def create_app(*, db_path: str | None = None, token_delay: float | None = None) -> FastAPI:
     """The app; arguments override the environment (``ASGI_STREAM_RECORDER_DB``, ``EXAMPLE_TOKEN_DELAY``)."""
-    settings = Settings()
-    if db_path is not None:
-        settings.db_path = db_path
-    if token_delay is not None:
-        settings.token_delay = token_delay
+    settings = Settings.overridden(db_path=db_path, token_delay=token_delay)
     recorder = SQLiteRecorder(settings.db_path)
 
     @asynccontextmanager

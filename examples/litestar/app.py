@@ -30,17 +30,13 @@ class ChatRequest:
 
 def create_app(*, db_path: str | None = None, token_delay: float | None = None) -> Litestar:
     """The app; arguments override the environment (``ASGI_STREAM_RECORDER_DB``, ``EXAMPLE_TOKEN_DELAY``)."""
-    settings = Settings()
-    if db_path is not None:
-        settings.db_path = db_path
-    if token_delay is not None:
-        settings.token_delay = token_delay
+    settings = Settings.overridden(db_path=db_path, token_delay=token_delay)
     recorder = SQLiteRecorder(settings.db_path)
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        # TODO(issue 4): Litestar does not pass the ASGI lifespan through its middleware, so
-        # StreamRecorderMiddleware cannot open and drain the recorder here: do it ourselves.
+        # Litestar does not pass the ASGI lifespan to middleware given through DefineMiddleware,
+        # so the app opens and drains the recorder itself (see README, Frameworks: Litestar).
         async with recorder:
             yield
             await settings.aclose()  # the OpenAI client, if the app made one
