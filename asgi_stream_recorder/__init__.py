@@ -6,10 +6,14 @@ from .app import stream_app
 from .decorator import recorded_stream
 from .middleware import StreamRecorderMiddleware
 from .recorders import (
+    Backend,
     Chunk,
+    MemoryBackend,
     MemoryRecorder,
     Recorder,
     RecorderError,
+    RecorderTimeout,
+    SQLiteBackend,
     SQLiteRecorder,
     StreamRecord,
     StreamStatus,
@@ -20,11 +24,15 @@ from .session import StreamSession, current_stream
 from .sse import ServerSentEvent, SSEParser, encode
 
 __all__ = [
+    "Backend",
     "Chunk",
+    "MemoryBackend",
     "MemoryRecorder",
     "RecordedStreamResponse",
     "Recorder",
     "RecorderError",
+    "RecorderTimeout",
+    "SQLiteBackend",
     "SQLiteRecorder",
     "SSEParser",
     "ServerSentEvent",

@@ -44,7 +44,10 @@ class StreamApp:
     ) -> None:
         self.source = source
         self._endpoint = endpoint
-        self.methods = None if methods is None else frozenset(m.upper() for m in methods)
+        allowed = None if methods is None else {m.upper() for m in methods}
+        if allowed is not None and "GET" in allowed:
+            allowed.add("HEAD")  # headers only: the response never starts the source for HEAD
+        self.methods = None if allowed is None else frozenset(allowed)
 
     def __repr__(self) -> str:
         return f"stream_app({getattr(self.source, '__qualname__', self.source)!r})"
@@ -87,7 +90,7 @@ def stream_app(
     source: Callable[[Request], AsyncIterator[Any]],
     /,
     *,
-    methods: Collection[str] | None = None,
+    methods: Collection[str] | None = ("GET", "POST"),
     recorder: Recorder | None = None,
     metadata: Mapping[str, Any] | Callable[[Scope], Mapping[str, Any]] | None = None,
     event: str | None = None,
@@ -99,7 +102,8 @@ def stream_app(
     """An ASGI app that answers every HTTP request with ``source(request)``'s items as a
     recorded event stream.
 
-    ``methods``: the HTTP methods to accept (others get 405; default: any). The other
+    ``methods``: the HTTP methods to accept (default GET and POST; None: any); others get
+    405 with an ``Allow`` header. ``HEAD`` is answered with the headers alone wherever GET is. The other
     options are those of :func:`~asgi_stream_recorder.recorded_stream` (checked here).
     Mount it anywhere an ASGI app goes: ``Mount("/chat", stream_app(chat))`` in Starlette,
     ``app.mount(...)`` in FastAPI, or serve it directly.

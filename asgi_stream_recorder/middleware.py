@@ -11,7 +11,8 @@ Mounted once around the app, it
 * gives every ``text/event-stream`` response the headers that stop caching and proxy
   buffering, and hides ``Accept-Encoding`` from the app for requests that accept
   ``text/event-stream``, so compression middleware cannot buffer the stream;
-* owns the background runs of ``on_disconnect="continue"`` streams (bounded in number);
+* bounds how many ``on_disconnect="continue"`` streams may run on after their client
+  left (each goes on in its own request's task: a generator never changes task);
 * with ``record_all_sse=True``, records any event stream that passes through it, parsed
   from the bytes on the wire, with the same states and timings as decorated streams.
 """
@@ -22,33 +23,27 @@ import contextlib
 import logging
 import signal
 import threading
-import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from types import FrameType
-from typing import Any, Protocol
+from typing import Any
 
 import anyio
 import sniffio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .app import answer_lifespan
+from .driver import StreamDriver
 from .recorders import Recorder, default_recorder
 from .recorders.base import is_orphan
-from .response import SCOPE_KEY, SSE_HEADERS, going_away_event
-from .session import Ending, StreamSession
-from .sse import PING, SSEParser
+from .recorders.buffered import RecorderError
+from .response import SCOPE_KEY
+from .wiretap import WireTap
 
 __all__ = ["StreamRecorderMiddleware"]
 
 log = logging.getLogger("asgi_stream_recorder")
 
 _SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGINT", None)) if s is not None)
-
-
-class Stoppable(Protocol):
-    """Something the middleware can end at shutdown: a decorated response or a wire tap."""
-
-    def interrupt(self) -> None: ...
 
 
 class RequestState:
@@ -62,6 +57,10 @@ class RequestState:
         self.decorated = False  # set by a RecordedStreamResponse, so the tap does not record twice
 
 
+class _StartupFailed(Exception):
+    """Our part of the lifespan startup failed; the server has been told."""
+
+
 class StreamRecorderMiddleware:
     """Pure ASGI middleware; see the module docstring. Options:
 
@@ -73,8 +72,9 @@ class StreamRecorderMiddleware:
     the client leaves (decorated streams use their own option).
     ``max_background``: how many ``on_disconnect="continue"`` streams may run on after
     their client left; past that they are cancelled (and recorded so).
-    ``shutdown_timeout``: how long shutdown waits for streams to end and for the recorder
-    to drain. ``recover``: mark orphans of dead local processes at startup.
+    ``shutdown_timeout``: the deadline of the whole shutdown: ending the streams, then
+    draining the recorder (what cannot be written by then is logged as lost).
+    ``recover``: mark orphans of dead local processes at startup.
     ``handle_signals``: chain SIGTERM/SIGINT to learn of a shutdown early.
     """
 
@@ -105,9 +105,9 @@ class StreamRecorderMiddleware:
         self.recover = recover
         self.handle_signals = handle_signals
         self.shutting_down = False
-        self._active: set[Stoppable] = set()
+        self._active: set[StreamDriver] = set()
         self._idle: anyio.Event | None = None
-        self._background: anyio.abc.TaskGroup | None = None
+        self._tasks: anyio.abc.TaskGroup | None = None  # ours while the lifespan runs
         self._background_count = 0
         self._restore_signals: Callable[[], None] | None = None
         self._lifespan_seen = False  # a lifespan startup, or our stand-in for it, has run
@@ -126,45 +126,47 @@ class StreamRecorderMiddleware:
         scope = {**scope, SCOPE_KEY: state}
         if _accepts_event_stream(scope):
             scope["headers"] = [(k, v) for k, v in scope["headers"] if k != b"accept-encoding"]
-        tap = _WireTap(self, state, scope, receive, send)
-        await tap.run()
+        tap = WireTap(self, state, scope, receive, send, recorder=self.recorder if self.record_all_sse else None,
+                      ping=self.ping, on_disconnect=self.on_disconnect,  # type: ignore[arg-type]
+                      spawn=self._spawn if self._tasks is not None else None)
+        await tap.run(self.app)
 
     # -- streams in flight -------------------------------------------------------------------
-    def track(self, stream: Stoppable) -> None:
+    def track(self, stream: StreamDriver) -> None:
         self._active.add(stream)
 
-    def untrack(self, stream: Stoppable) -> None:
+    def untrack(self, stream: StreamDriver) -> None:
         self._active.discard(stream)
         if not self._active and self._idle is not None:
             self._idle.set()
 
-    @property
-    def owns_background(self) -> bool:
-        """True while the middleware has a task group for streams outliving their request
-        (it runs the lifespan); otherwise such streams go on in their request's task."""
-        return self._background is not None
-
     def reserve_background(self) -> bool:
         """Take a place for a stream to run on after its client left; False if there is none."""
-        if self._background is None or self.shutting_down or self._background_count >= self.max_background:
+        if self.shutting_down or self._background_count >= self.max_background:
             return False
         self._background_count += 1
         return True
 
     def release_background(self) -> None:
+        """Give back a place taken by :meth:`reserve_background` (each stream does, once)."""
         self._background_count -= 1
 
-    def run_background(self, run: Callable[[], Coroutine[Any, Any, None]]) -> None:
-        """Run a reserved continuation in the middleware's task group; it owns the task."""
-        assert self._background is not None
+    @property
+    def background_streams(self) -> int:
+        """How many streams run on now after their client left."""
+        return self._background_count
+
+    def _spawn(self, run: Callable[[], Awaitable[None]]) -> None:
+        """Run a task of a request (its stream's watch) in our task group; the request cancels it."""
+        assert self._tasks is not None
 
         async def owned() -> None:
             try:
                 await run()
-            finally:
-                self.release_background()
+            except Exception:
+                log.exception("asgi_stream_recorder: a stream's watch task failed")
 
-        self._background.start_soon(owned)
+        self._tasks.start_soon(owned)
 
     def begin_shutdown(self) -> None:
         """Stop accepting streams and end every open one now (each is recorded ``interrupted``)."""
@@ -197,6 +199,8 @@ class StreamRecorderMiddleware:
             self._restore_signals = _listen_for_signals(self, self.begin_shutdown)
 
     async def _shutdown(self) -> None:
+        """End every stream, then drain the recorder: all within ``shutdown_timeout``."""
+        deadline = anyio.current_time() + self.shutdown_timeout
         if self._restore_signals is not None:
             self._restore_signals()
             self._restore_signals = None
@@ -208,7 +212,10 @@ class StreamRecorderMiddleware:
         if self._active:
             log.error("asgi_stream_recorder: %d streams did not end within the shutdown timeout", len(self._active))
         with anyio.CancelScope(shield=True):  # drain even if the server is cancelling us
-            await self.recorder.close(timeout=self.shutdown_timeout)
+            try:
+                await self.recorder.close(timeout=max(deadline - anyio.current_time(), 0.1))
+            except RecorderError as exc:
+                log.error("asgi_stream_recorder: %s", exc)
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         phase = "before"
@@ -217,206 +224,44 @@ class StreamRecorderMiddleware:
             nonlocal phase
             message = await receive()
             if message["type"] == "lifespan.startup":
-                await self._startup()
+                try:
+                    await self._startup()
+                except Exception as exc:
+                    text = f"asgi_stream_recorder: cannot start the recorder {self.recorder!r}: {exc}"
+                    log.error("%s", text)
+                    phase = "failed"
+                    await send({"type": "lifespan.startup.failed", "message": text})
+                    raise _StartupFailed(text) from exc
                 phase = "started"
             elif message["type"] == "lifespan.shutdown":
                 await self._shutdown()
                 phase = "stopped"
             return message
 
-        async with anyio.create_task_group() as background:
-            self._background = background
+        async def lifespan_send(message: Message) -> None:
+            if phase != "failed":  # the server was told already; the app's own reply would confuse it
+                await send(message)
+
+        async with anyio.create_task_group() as tasks:
+            self._tasks = tasks
             try:
-                await self.app(scope, lifespan_receive, send)
+                await self.app(scope, lifespan_receive, lifespan_send)
             except Exception:
+                if phase == "failed":
+                    return
                 if phase != "before":
                     raise
                 # The app does not speak lifespan: speak it for our own part.
-                await answer_lifespan(lifespan_receive, send)
+                try:
+                    await answer_lifespan(lifespan_receive, lifespan_send)
+                except _StartupFailed:
+                    return
             finally:
                 if phase == "started":  # the app returned without a shutdown message
                     with anyio.CancelScope(shield=True):
                         await self._shutdown()
-                self._background = None
-                background.cancel_scope.cancel()
-
-
-class _WireTap:
-    """One HTTP request through the middleware: SSE headers, disconnect watch for
-    undecorated event streams, and (``record_all_sse``) their recording from the wire."""
-
-    def __init__(self, mw: StreamRecorderMiddleware, state: RequestState, scope: Scope, receive: Receive,
-                 send: Send) -> None:
-        self.mw, self.state, self.scope, self.receive, self.send = mw, state, scope, receive, send
-        self.sse = False  # the response is an event stream
-        self.watching = False  # ... an undecorated one: we watch for disconnects and may record it
-        self.session: StreamSession | None = None
-        self.parser: SSEParser | None = None
-        self.client_gone = False
-        self.interrupted = False
-        self.ended = False
-        self.scope_to_cancel: anyio.CancelScope | None = None
-        self.disconnected: anyio.Event | None = None
-        self.pending_messages: list[Message] = []
-        self.tg: anyio.abc.TaskGroup | None = None
-        self.last_send = time.monotonic()
-        self.at_boundary = True  # the bytes sent so far end between events: a ping may go in
-
-    def interrupt(self) -> None:
-        self.interrupted = True
-        if self.scope_to_cancel is not None:
-            self.scope_to_cancel.cancel()
-
-    async def run(self) -> None:
-        ending, error = Ending.INTERRUPTED, None
-        try:
-            async with anyio.create_task_group() as tg:
-                self.scope_to_cancel = tg.cancel_scope
-                self.tg = tg
-                try:
-                    await self.mw.app(self.scope, self.app_receive, self.app_send)
-                    ending = Ending.EXHAUSTED
-                except Exception as exc:
-                    if self.session is None:
-                        raise
-                    ending, error = Ending.RAISED, exc
-                tg.cancel_scope.cancel()
-            if self.interrupted:
-                ending = Ending.INTERRUPTED
-            elif self.client_gone and (ending is Ending.INTERRUPTED or not self.ended):
-                ending = Ending.CLIENT_LEFT  # our watch cancelled the app, or it stopped early on its own
-        finally:
-            if self.watching:
-                with anyio.CancelScope(shield=True):
-                    await self.finish(ending, error)
-
-    async def finish(self, ending: Ending, error: BaseException | None) -> None:
-        self.mw.untrack(self)
-        if self.session is not None:
-            if self.parser is not None and ending is not Ending.EXHAUSTED:
-                self.parser.feed(b"\n\n")  # an event cut off mid-way is not recorded (clients drop it too)
-            self.session.end(ending, error)
-            if not self.session.recorder.managed:
-                with anyio.move_on_after(5):
-                    await self.session.recorder.flush()
-        if (self.interrupted or ending is Ending.INTERRUPTED) and not self.client_gone and not self.ended:
-            with anyio.move_on_after(1):
-                try:
-                    sid = self.session.id if self.session is not None else ""
-                    last = self.session.seq if self.session is not None else 0
-                    await self.send({"type": "http.response.body", "body": going_away_event(sid, last),
-                                     "more_body": False})
-                except OSError:
-                    pass
-
-    # -- receive: one reader, so the app and our watch do not steal each other's messages --
-    async def app_receive(self) -> Message:
-        if not self.watching:
-            message = await self.receive()
-            if message["type"] == "http.disconnect":  # the app read it before its stream began
-                self.client_left()
-            return message
-        if self.pending_messages:
-            return self.pending_messages.pop(0)
-        assert self.disconnected is not None
-        await self.disconnected.wait()
-        return {"type": "http.disconnect"}
-
-    async def watch(self) -> None:
-        while True:
-            message = await self.receive()
-            if message["type"] == "http.disconnect":
-                break
-            self.pending_messages.append(message)
-        self.client_left()
-
-    def client_left(self) -> None:
-        if self.client_gone:
-            return
-        self.client_gone = True
-        if self.disconnected is not None:
-            self.disconnected.set()  # the app may be waiting for it (Litestar waits after its last byte)
-        if not self.watching or self.ended:  # after the last byte a hang-up is just the end
-            return
-        if self.session is not None:
-            self.session.client_left()
-        if self.mw.on_disconnect == "cancel" and self.scope_to_cancel is not None:
-            self.scope_to_cancel.cancel()
-
-    # -- send: headers on the start message, the tap on body messages ------------------------
-    async def app_send(self, message: Message) -> None:
-        if message["type"] == "http.response.start":
-            message = self.start(message)
-        elif self.watching:
-            body = message.get("body", b"")
-            if body:
-                self.last_send = time.monotonic()
-                self.at_boundary = body.endswith((b"\n\n", b"\r\n\r\n", b"\r\r"))
-            if self.parser is not None:
-                await self.tap(body)
-            if not message.get("more_body", False):
-                self.ended = True
-            if self.client_gone:
-                return
-        try:
-            await self.send(message)
-        except OSError:
-            if self.watching:
-                self.client_left()
-            raise
-
-    def start(self, message: Message) -> Message:
-        headers = list(message.get("headers", []))
-        content_type = next((v for k, v in headers if k.lower() == b"content-type"), b"")
-        if not content_type.lower().startswith(b"text/event-stream"):
-            return message
-        self.sse = True
-        self.disconnected = anyio.Event()
-        if self.client_gone:
-            self.disconnected.set()
-        names = {k.lower() for k, _ in headers}
-        headers = [(k, v) for k, v in headers if k.lower() != b"content-length"]
-        for name, value in SSE_HEADERS.items():
-            if name.encode() not in names:
-                headers.append((name.encode(), value.encode()))
-        if self.scope.get("http_version") == "1.1" and b"connection" not in names:
-            headers.append((b"connection", b"keep-alive"))
-        if not self.state.decorated:
-            self.watching = True
-            self.mw.track(self)
-            assert self.tg is not None
-            if not self.client_gone:
-                self.tg.start_soon(self.watch)
-            if self.mw.ping is not None:
-                self.tg.start_soon(self.keepalive, self.mw.ping)
-            if self.mw.record_all_sse:
-                self.session = StreamSession(
-                    self.state.recorder,
-                    metadata={"recorded_from": "wire"},
-                    path=self.scope.get("path"),
-                    method=self.scope.get("method"),
-                )
-                self.parser = SSEParser()
-                headers.append((b"x-stream-id", self.session.id.encode()))
-                self.session.begin()
-        return {**message, "headers": headers}
-
-    async def keepalive(self, interval: float) -> None:
-        """Ping an idle undecorated stream, only between events (never inside one)."""
-        while not self.client_gone and not self.ended:
-            idle = time.monotonic() - self.last_send
-            if idle >= interval and self.at_boundary:
-                with contextlib.suppress(OSError):
-                    await self.send({"type": "http.response.body", "body": PING, "more_body": True})
-                self.last_send, idle = time.monotonic(), 0.0
-            await anyio.sleep(max(interval - idle, 0.01))
-
-    async def tap(self, body: bytes) -> None:
-        assert self.session is not None and self.parser is not None
-        if not self.session.recorder.managed:
-            await self.session.recorder.ensure_open()
-        for event in self.parser.feed(body):
-            await self.session.record(self.session.chunk(event.text or "", event.event))
+                self._tasks = None
+                tasks.cancel_scope.cancel()
 
 
 def _accepts_event_stream(scope: Scope) -> bool:

@@ -7,19 +7,19 @@ is the one place where how a stream ended becomes a status.
 
 from __future__ import annotations
 
-import enum
+import logging
 import time
 import uuid
 from contextvars import ContextVar
 from typing import Any
 
-from .recorders.base import Chunk, Recorder, StreamEnd, StreamStart, StreamStatus, process_owner
+from .recorders.base import StreamEnd, StreamStart, StreamStatus, process_owner
+from .recorders.recorder import Recorder
 
-__all__ = ["Ending", "StreamSession", "current_stream", "new_stream_id"]
+__all__ = ["StreamSession", "current_stream", "decide_status", "new_stream_id"]
 
-_new_chunk = tuple.__new__
+log = logging.getLogger("asgi_stream_recorder")
 _current: ContextVar[StreamSession | None] = ContextVar("asgi_stream_recorder_current", default=None)
-_OWNER = process_owner()
 
 
 def new_stream_id() -> str:
@@ -30,18 +30,26 @@ def new_stream_id() -> str:
 def current_stream() -> StreamSession:
     """The stream being generated, from inside its generator: ``current_stream().metadata["usage"] = ...``."""
     session = _current.get()
-    if session is None:
-        raise LookupError("current_stream() is only available inside a recorded stream's generator")
+    if session is None or session.status is not StreamStatus.STREAMING:
+        raise LookupError("current_stream() is only available inside a recorded stream's generator, while it runs")
     return session
 
 
-class Ending(enum.Enum):
-    """How a stream stopped, as seen by whoever drove it."""
+def decide_status(*, error: BaseException | str | None, exhausted: bool, stopped_for_client: bool) -> StreamStatus:
+    """The one rule that turns how a stream stopped into its status, facts in this order:
 
-    EXHAUSTED = "exhausted"  # the source ran out
-    RAISED = "raised"  # the source raised, or gave an item that cannot be sent
-    CLIENT_LEFT = "client_left"  # our own disconnect watch stopped it
-    INTERRUPTED = "interrupted"  # cancelled from outside: shutdown, server timeout, crash
+    1. an error anywhere in its pipeline (the source, an item that cannot be sent, the wire): FAILED;
+    2. the source ran to its end: COMPLETED (a hang-up or shutdown after the last item changes nothing);
+    3. it was stopped because its client left: CANCELLED (whatever happened during the clean-up);
+    4. anything else stopped it (shutdown, cancellation from outside, a crash): INTERRUPTED.
+    """
+    if error is not None:
+        return StreamStatus.FAILED
+    if exhausted:
+        return StreamStatus.COMPLETED
+    if stopped_for_client:
+        return StreamStatus.CANCELLED
+    return StreamStatus.INTERRUPTED
 
 
 class StreamSession:
@@ -54,8 +62,8 @@ class StreamSession:
 
     __slots__ = (
         "id", "metadata", "recorder", "status", "error", "seq", "count", "char_count", "dropped",
-        "ttft_ms", "client_left_ms", "text_event", "created_at",
-        "_t0", "_path", "_method", "_token", "_put", "_text", "_last_at",
+        "ttft_ms", "client_left_ms", "text_event", "created_at", "completed_at",
+        "_t0", "_at_ms", "_path", "_method", "_token", "_put", "_text", "_last_at",
     )
 
     def __init__(
@@ -70,7 +78,7 @@ class StreamSession:
     ) -> None:
         self.id = id or new_stream_id()
         self.recorder = recorder
-        self._put = recorder.try_append
+        self._put = recorder.put_chunk
         self._text: list[str] = []  # the recorded text, so the end needs no read-back
         self.metadata: dict[str, Any] = dict(metadata or {})
         self.text_event = text_event
@@ -83,7 +91,9 @@ class StreamSession:
         self.ttft_ms: float | None = None
         self.client_left_ms: float | None = None
         self._t0 = self._last_at = time.perf_counter()
+        self._at_ms = 0.0
         self.created_at = time.time()  # epoch seconds
+        self.completed_at: float | None = None
         self._path, self._method = path, method
         self._token: Any = None
 
@@ -108,58 +118,64 @@ class StreamSession:
                 method=self._method,
                 metadata=dict(self.metadata),
                 text_event=self.text_event,
-                owner=_OWNER,
+                owner=process_owner(),
             )
         )
         self._token = _current.set(self)
 
-    def chunk(self, data: str, event: str | None = None) -> Chunk:
-        """The next chunk (its ``seq`` is the SSE id); call :meth:`record` once it is sent."""
+    def stamp(self) -> int:
+        """Number and time the next chunk; returns its ``seq`` (the SSE id). Record it once sent."""
         self.seq = seq = self.seq + 1
         self._last_at = at = time.perf_counter()
-        at_ms = (at - self._t0) * 1000.0
+        self._at_ms = at_ms = (at - self._t0) * 1000.0
         if seq == 1:
             self.ttft_ms = at_ms
-        return _new_chunk(Chunk, (self.id, seq, data, event, at_ms))  # Chunk(...) without its slow __new__
+        return seq
 
-    def record_nowait(self, chunk: Chunk) -> bool:
-        """Queue a sent chunk if the recorder has room (the usual case); False: ``await record``."""
-        if self._put(chunk):  # (what _recorded does, inlined: this runs once per event)
+    def record_nowait(self, data: str, event: str | None) -> bool:
+        """Queue the chunk last stamped if the recorder has room (the usual case); False: ``await record``."""
+        if self._put(self.id, self.seq, data, event, self._at_ms):
             self.count += 1
-            self.char_count += len(chunk.data)
-            if chunk.event == self.text_event:
-                self._text.append(chunk.data)
+            self.char_count += len(data)
+            if event == self.text_event:
+                self._text.append(data)
             return True
         return False
 
-    def _recorded(self, chunk: Chunk) -> None:
-        self.count += 1
-        self.char_count += len(chunk.data)
-        if chunk.event == self.text_event:
-            self._text.append(chunk.data)
-
-    async def record(self, chunk: Chunk) -> None:
-        """Queue a sent chunk for the record, waiting while the recorder's queue is full (per its policy)."""
-        if self.record_nowait(chunk):
+    async def record(self, data: str, event: str | None) -> None:
+        """Queue the chunk last stamped; when the queue is full, wait if the recorder's policy
+        says so, else drop it and count it in the record's ``metadata["dropped_chunks"]``."""
+        if self.record_nowait(data, event):
             return
-        if await self.recorder.append(chunk):
-            self._recorded(chunk)
-        else:
-            self.dropped += 1
+        if self.recorder.waits_for_room and await self.recorder.put_chunk_waiting(
+            self.id, self.seq, data, event, self._at_ms
+        ):
+            self.count += 1
+            self.char_count += len(data)
+            if event == self.text_event:
+                self._text.append(data)
+            return
+        if not self.dropped:
+            log.warning("stream %s: the recorder's queue is full (storage down or too slow): dropping chunks "
+                        "from seq %d on, counted in metadata['dropped_chunks']", self.id, self.seq)
+        self.dropped += 1
+        self.recorder.note_dropped()
 
     def client_left(self) -> None:
         """Note when the client went away (the stream may go on, per ``on_disconnect``)."""
         if self.client_left_ms is None:
             self.client_left_ms = self.elapsed_ms()
 
-    def end(self, ending: Ending, error: BaseException | str | None = None) -> StreamStatus:
-        """Decide the final status from how the stream stopped and queue it. Only the first call counts."""
+    def end(self, *, error: BaseException | str | None = None, exhausted: bool = False,
+            stopped_for_client: bool = False) -> StreamStatus:
+        """Decide the final status (:func:`decide_status`) and queue the end. Only the first call counts."""
         if self.status is not StreamStatus.STREAMING:
             return self.status
-        self.status = _STATUS[ending]
+        self.status = decide_status(error=error, exhausted=exhausted, stopped_for_client=stopped_for_client)
         if error is not None:
             self.error = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
         duration = self.elapsed_ms()
+        self.completed_at = self.created_at + duration / 1000.0
         metadata = dict(self.metadata)
         metadata.update(
             ttft_ms=None if self.ttft_ms is None else round(self.ttft_ms, 3),
@@ -172,21 +188,13 @@ class StreamSession:
         if self.client_left_ms is not None:
             metadata["client_disconnected_at_ms"] = round(self.client_left_ms, 3)
         self.recorder.finish(
-            StreamEnd(self.id, self.status, self.created_at + duration / 1000.0, self.error, metadata,
+            StreamEnd(self.id, self.status, self.completed_at, self.error, metadata,
                       content="".join(self._text), chunk_count=self.count)
         )
         if self._token is not None:
             try:
                 _current.reset(self._token)
-            except ValueError:  # ended from another context (a background continuation)
+            except ValueError:  # ended from another context
                 _current.set(None)
             self._token = None
         return self.status
-
-
-_STATUS = {
-    Ending.EXHAUSTED: StreamStatus.COMPLETED,
-    Ending.RAISED: StreamStatus.FAILED,
-    Ending.CLIENT_LEFT: StreamStatus.CANCELLED,
-    Ending.INTERRUPTED: StreamStatus.INTERRUPTED,
-}

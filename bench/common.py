@@ -18,7 +18,8 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
-from asgi_stream_recorder.recorders.base import Batch, Chunk, Recorder, StreamRecord, StreamStatus
+from asgi_stream_recorder.recorders import Backend, Recorder
+from asgi_stream_recorder.recorders.base import Batch, Chunk, StreamRecord, StreamStatus
 
 HOST = "127.0.0.1"
 
@@ -80,8 +81,8 @@ def say(msg: str) -> None:
 
 
 # -- a recorder that records nothing (recording "off", same code path) -------------------------
-class NullRecorder(Recorder):
-    """The full recorder path (session, queue, writer task) with a backend that discards batches."""
+class NullBackend(Backend):
+    """A backend that discards batches."""
 
     async def write(self, batch: Batch) -> None:
         return None
@@ -97,6 +98,11 @@ class NullRecorder(Recorder):
 
     async def recover(self, is_orphan: Callable[[str], bool]) -> int:
         return 0
+
+
+def NullRecorder() -> Recorder:
+    """The full recorder path (session, queue, writer task) over a backend that discards batches."""
+    return Recorder(NullBackend())
 
 
 def tokens(n: int) -> list[str]:

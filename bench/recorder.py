@@ -26,7 +26,8 @@ import anyio
 import anyio.lowlevel
 
 from asgi_stream_recorder import SQLiteRecorder
-from asgi_stream_recorder.recorders.base import Batch, Chunk
+from asgi_stream_recorder.recorders import SQLiteBackend
+from asgi_stream_recorder.recorders.base import Batch, Segment
 from asgi_stream_recorder.session import StreamSession
 
 from .common import alternate, say, summary
@@ -60,20 +61,19 @@ class Scratch:
 async def buffered_rate(path: str, streams: int, total: int) -> float:
     """Chunks/s from the first ``record`` to the last chunk being durable."""
     per = total // streams
-    recorder = SQLiteRecorder(path)
+    recorder = SQLiteRecorder(path, max_wait=None)  # a full queue waits here: the rate counts every chunk
     async with recorder:
 
         async def one() -> None:
             session = StreamSession(recorder, metadata={"bench": True})
             session.begin()
-            record, chunk = session.record, session.chunk
+            record, stamp = session.record, session.stamp
             for i in range(per):
-                await record(chunk(WORDS[i & 7]))
+                stamp()
+                await record(WORDS[i & 7], None)
                 if not i & 63:  # tokens arrive interleaved across streams, as from a model
                     await anyio.lowlevel.checkpoint()
-            from asgi_stream_recorder.session import Ending
-
-            session.end(Ending.EXHAUSTED)
+            session.end(exhausted=True)
 
         t0 = time.perf_counter()
         async with anyio.create_task_group() as tg:
@@ -122,42 +122,46 @@ async def naive_rate(path: str, streams: int, total: int) -> float:
 
 
 # -- design note: one thread hop per batch vs aiosqlite -----------------------------------------
-def _batches(n_batches: int, size: int = 2000) -> list[list[Chunk]]:
+def _batches(n_batches: int, size: int = 2000) -> list[Segment]:
     sid = "0194a3b2c1d0" + "ab" * 10
-    return [
-        [Chunk(sid, b * size + i + 1, WORDS[i & 7], None, float(i)) for i in range(size)] for b in range(n_batches)
-    ]
+    batches = []
+    for b in range(n_batches):
+        segment = Segment(sid)
+        for i in range(size):
+            segment.add(b * size + i + 1, WORDS[i & 7], None, float(i))
+        batches.append(segment)
+    return batches
 
 
-async def to_thread_rate(path: str, batches: list[list[Chunk]]) -> float:
-    recorder = SQLiteRecorder(path)
-    await recorder.connect()  # the backend only: no writer task, we call write() ourselves
+async def to_thread_rate(path: str, batches: list[Segment]) -> float:
+    backend = SQLiteBackend(path)
+    await backend.connect()  # the backend only: no writer task, we call write() ourselves
     try:
         t0 = time.perf_counter()
-        for chunks in batches:
-            await recorder.write(Batch(chunks=chunks))
+        for segment in batches:
+            await backend.write(Batch(segments=[segment]))
         dt = time.perf_counter() - t0
     finally:
-        await recorder.disconnect()
+        await backend.close()
     return sum(map(len, batches)) / dt
 
 
-async def aiosqlite_rate(path: str, batches: list[list[Chunk]]) -> float:
+async def aiosqlite_rate(path: str, batches: list[Segment]) -> float:
     """The same batches, the same schema and statements as ``SQLiteRecorder.write``, through aiosqlite."""
     import aiosqlite
 
-    from asgi_stream_recorder.recorders.sqlite import _INSERT_SEGMENT, _segments
+    from asgi_stream_recorder.recorders.sqlite import _INSERT_SEGMENT, _segment_rows
 
-    schema = SQLiteRecorder(path)
+    schema = SQLiteBackend(path)
     await schema.connect()  # creates our schema
-    await schema.disconnect()
+    await schema.close()
     db = await aiosqlite.connect(path, isolation_level=None)
     try:
         await db.execute("PRAGMA synchronous=NORMAL")
         t0 = time.perf_counter()
-        for chunks in batches:
+        for segment in batches:
             await db.execute("BEGIN IMMEDIATE")
-            await db.executemany(_INSERT_SEGMENT, _segments(chunks))
+            await db.executemany(_INSERT_SEGMENT, _segment_rows([segment]))
             await db.execute("COMMIT")
         dt = time.perf_counter() - t0
     finally:

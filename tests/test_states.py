@@ -19,6 +19,8 @@ from starlette.requests import Request
 from starlette.routing import Route
 
 from asgi_stream_recorder import (
+    Recorder,
+    SQLiteBackend,
     SQLiteRecorder,
     StreamRecord,
     StreamStatus,
@@ -461,11 +463,11 @@ async def test_busy_stream_gets_no_pings(transport: str, recorder: SQLiteRecorde
 # -- the database is off the client's path -----------------------------------------------------------------------
 
 
-class BlockedSQLite(SQLiteRecorder):
+class BlockedSQLite(SQLiteBackend):
     """Every write waits until the test releases it."""
 
     def __init__(self, path: Path) -> None:
-        super().__init__(path, flush_interval=0.01)
+        super().__init__(path)
         self.entered = anyio.Event()
         self.released = anyio.Event()
         self.completed = 0
@@ -478,12 +480,13 @@ class BlockedSQLite(SQLiteRecorder):
 
 
 async def test_events_reach_the_client_while_the_database_is_blocked(transport: str, tmp_path: Path) -> None:
-    recorder = BlockedSQLite(tmp_path / "streams.db")
+    blocked = BlockedSQLite(tmp_path / "streams.db")
+    recorder = Recorder(blocked, flush_interval=0.01)
 
     async def generate(request: Request) -> AsyncIterator[str]:
         yield "first"
         with anyio.fail_after(5):
-            await recorder.entered.wait()  # the writer is now stuck inside the database
+            await blocked.entered.wait()  # the writer is now stuck inside the database
         yield "second"
         yield "third"
 
@@ -491,9 +494,9 @@ async def test_events_reach_the_client_while_the_database_is_blocked(transport: 
 
     async def watch(ex: Exchange) -> None:
         if len(ex.events) == 3 and not checked:
-            assert recorder.entered.is_set()
-            checked.append(recorder.completed)  # writes completed when the client had all three
-            recorder.released.set()
+            assert blocked.entered.is_set()
+            checked.append(blocked.completed)  # writes completed when the client had all three
+            blocked.released.set()
 
     async with recorder:
         ex = await exchange(transport, app_for(generate, recorder=recorder), watch=watch)

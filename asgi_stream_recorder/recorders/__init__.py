@@ -1,21 +1,28 @@
-"""Recorder backends behind one protocol (:class:`Recorder`), and the process-wide default."""
+"""Recording: :class:`Recorder` (what users hold) over a :class:`Backend` (what stores), and the
+process-wide default."""
 
 from __future__ import annotations
 
 import os
 
-from .base import Batch, Chunk, Recorder, StreamEnd, StreamRecord, StreamStart, StreamStatus
-from .buffered import RecorderError
-from .memory import MemoryRecorder
-from .sqlite import SQLiteRecorder
+from .base import Backend, Batch, Chunk, Segment, StreamEnd, StreamRecord, StreamStart, StreamStatus
+from .buffered import RecorderError, RecorderTimeout
+from .memory import MemoryBackend, MemoryRecorder
+from .recorder import Recorder
+from .sqlite import SQLiteBackend, SQLiteRecorder
 
 __all__ = [
+    "Backend",
     "Batch",
     "Chunk",
+    "MemoryBackend",
     "MemoryRecorder",
     "Recorder",
     "RecorderError",
+    "RecorderTimeout",
+    "SQLiteBackend",
     "SQLiteRecorder",
+    "Segment",
     "StreamEnd",
     "StreamRecord",
     "StreamStart",

@@ -1,37 +1,37 @@
-"""The record types and the :class:`Recorder` every backend subclasses.
+"""The record types, and :class:`Backend`: the small interface a storage engine implements.
 
-A backend is one short file: it says how to connect, how to write a :class:`Batch` in
-one transaction, and how to read records back. Everything about *when* to write
-(batching, the bounded queue, flushing, retries, the writer task) lives in
-:class:`~asgi_stream_recorder.recorders.buffered.BufferedWriter`, written once.
+A backend is one short file: connect, write a :class:`Batch` in one transaction, read
+records back, mark orphans. It inherits no machinery: the queue, batching, retries,
+storable-value checks and flushing live in :class:`~asgi_stream_recorder.recorders.Recorder`,
+the object users hold, written once for every backend (as httpx's client sits over its
+transports).
 """
 
 from __future__ import annotations
 
 import abc
+import array
 import enum
-import json
 import os
 import socket
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from types import TracebackType
 from typing import Any, NamedTuple
 
-from .buffered import BufferedWriter, Policy
-
 __all__ = [
+    "Backend",
     "Batch",
     "Chunk",
-    "Recorder",
+    "Segment",
     "StreamEnd",
     "StreamRecord",
     "StreamStart",
     "StreamStatus",
     "is_orphan",
     "process_owner",
+    "recovered_end",
 ]
 
 
@@ -40,7 +40,7 @@ class StreamStatus(str, enum.Enum):
 
     STREAMING = "streaming"
     COMPLETED = "completed"  # the source ran to its end
-    FAILED = "failed"  # the source raised, or yielded something unsendable
+    FAILED = "failed"  # the source raised, or an item could not be sent
     CANCELLED = "cancelled"  # the client went away and generation was stopped
     INTERRUPTED = "interrupted"  # the server stopped it: shutdown, crash, outside cancellation
 
@@ -49,7 +49,7 @@ class StreamStatus(str, enum.Enum):
 
 
 class Chunk(NamedTuple):
-    """One recorded event. ``seq`` starts at 1 per stream and is the SSE ``id`` the client saw."""
+    """One recorded event, as read back. ``seq`` starts at 1 per stream and is the SSE ``id``."""
 
     stream_id: str
     seq: int
@@ -87,16 +87,88 @@ class StreamEnd:
     chunk_count: int | None = None
 
 
+class Segment:
+    """A run of one stream's chunks queued together, kept as columns.
+
+    Columns rather than a tuple per chunk: a queued chunk then costs no object the
+    garbage collector tracks (strings and array items are untracked), so a full queue
+    never makes the collector walk millions of objects (see ``bench/looplag.py``).
+    ``events`` stays None while every chunk has the default event.
+    """
+
+    __slots__ = ("at_ms", "data", "events", "seqs", "stream_id")
+
+    def __init__(self, stream_id: str) -> None:
+        self.stream_id = stream_id
+        self.seqs = array.array("q")
+        self.data: list[str] = []
+        self.events: list[str | None] | None = None
+        self.at_ms = array.array("d")
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def add(self, seq: int, data: str, event: str | None, at_ms: float) -> None:
+        if event is not None and self.events is None:
+            self.events = [None] * len(self.data)
+        self.seqs.append(seq)
+        self.data.append(data)
+        self.at_ms.append(at_ms)
+        if self.events is not None:
+            self.events.append(event)
+
+    def event_list(self) -> list[str | None]:
+        return self.events if self.events is not None else [None] * len(self.data)
+
+    def runs(self) -> Iterator[tuple[int, int]]:
+        """``(lo, hi)`` index ranges of consecutive seqs (a dropped chunk leaves a gap)."""
+        seqs, lo = self.seqs, 0
+        for i in range(1, len(seqs)):
+            if seqs[i] != seqs[i - 1] + 1:
+                yield lo, i
+                lo = i
+        if seqs:
+            yield lo, len(seqs)
+
+    def chunks(self) -> list[Chunk]:
+        sid = self.stream_id
+        return [Chunk(sid, s, d, e, a) for s, d, e, a in zip(self.seqs, self.data, self.event_list(), self.at_ms,
+                                                             strict=True)]
+
+
 @dataclass(slots=True)
 class Batch:
-    """What the writer hands a backend: written in one transaction, starts then chunks then ends."""
+    """What the recorder hands a backend: written in one transaction, starts then chunks then ends."""
 
     starts: list[StreamStart] = field(default_factory=list)
-    chunks: list[Chunk] = field(default_factory=list)
+    segments: list[Segment] = field(default_factory=list)
     ends: list[StreamEnd] = field(default_factory=list)
 
     def __len__(self) -> int:
-        return len(self.starts) + len(self.chunks) + len(self.ends)
+        return len(self.starts) + sum(map(len, self.segments)) + len(self.ends)
+
+    @property
+    def chunks(self) -> list[Chunk]:
+        """Every chunk as a :class:`Chunk` (for simple backends; SQLite writes the columns)."""
+        return [c for s in self.segments for c in s.chunks()]
+
+    def stream_ids(self) -> list[str]:
+        seen: dict[str, None] = {}
+        for start in self.starts:
+            seen.setdefault(start.id)
+        for end in self.ends:
+            seen.setdefault(end.id)
+        for s in self.segments:
+            seen.setdefault(s.stream_id)
+        return list(seen)
+
+    def of_stream(self, stream_id: str) -> Batch:
+        """The part of this batch that belongs to one stream (to isolate a record that fails)."""
+        return Batch(
+            [s for s in self.starts if s.id == stream_id],
+            [s for s in self.segments if s.stream_id == stream_id],
+            [e for e in self.ends if e.id == stream_id],
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,18 +191,39 @@ def to_datetime(epoch: float | None) -> datetime | None:
     return None if epoch is None else datetime.fromtimestamp(epoch, tz=timezone.utc)
 
 
-def dump_metadata(metadata: dict[str, Any]) -> str:
-    """JSON for metadata; values JSON can't hold are stored as their ``str`` rather than lost."""
-    return json.dumps(metadata, ensure_ascii=False, default=str, separators=(",", ":"))
+def recovered_end(stream_id: str, created_at: float, text_event: str | None, metadata: dict[str, Any],
+                  chunks: list[Chunk]) -> StreamEnd:
+    """The end crash recovery gives a stream whose process died: ``interrupted`` at the time of
+    its last stored chunk (the process may have lived on idle; that is not known), with the
+    same counts a live ending stores."""
+    last_ms = chunks[-1].at_ms if chunks else 0.0
+    content = "".join(c.data for c in chunks if c.event == text_event)
+    meta = {**metadata, "recovered": True, "duration_ms": round(last_ms, 3), "chunk_count": len(chunks),
+            "char_count": sum(len(c.data) for c in chunks)}
+    if chunks:
+        meta["ttft_ms"] = round(chunks[0].at_ms, 3)
+    return StreamEnd(stream_id, StreamStatus.INTERRUPTED, created_at + last_ms / 1000.0,
+                     "process ended mid-stream", meta, content, len(chunks))
 
 
+# -- which process runs a stream -----------------------------------------------------------------
 _HOST = socket.gethostname()
-_INCARNATION = uuid.uuid4().hex[:8]
+_owner = ""
+
+
+def _new_owner() -> None:
+    global _owner
+    _owner = f"{_HOST}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+_new_owner()
+if hasattr(os, "register_at_fork"):  # a worker forked after import (gunicorn --preload) is its own owner
+    os.register_at_fork(after_in_child=_new_owner)
 
 
 def process_owner() -> str:
-    """``host:pid:incarnation``: which process runs a stream, for crash recovery."""
-    return f"{_HOST}:{os.getpid()}:{_INCARNATION}"
+    """``host:pid:incarnation`` of the calling process, for crash recovery."""
+    return _owner
 
 
 def is_orphan(owner: str) -> bool:
@@ -138,12 +231,12 @@ def is_orphan(owner: str) -> bool:
     incarnation of our own pid (a restarted container). Other hosts' streams are left
     alone: without a heartbeat nothing here can tell whether they still run."""
     host, _, rest = owner.partition(":")
-    pid_text, _, incarnation = rest.partition(":")
+    pid_text = rest.partition(":")[0]
     if host != _HOST or not pid_text.isdigit():
         return False
     pid = int(pid_text)
     if pid == os.getpid():
-        return incarnation != _INCARNATION
+        return owner != _owner
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -153,103 +246,25 @@ def is_orphan(owner: str) -> bool:
     return False
 
 
-class Recorder(abc.ABC):
-    """Base of every backend, and the object users hold.
+class Backend(abc.ABC):
+    """Where records are kept. Implement the abstract methods; that is a whole backend.
 
-    The record path (``start``, ``append``, ``finish``) only queues; a background writer
-    owned by the recorder persists batches. Open it with ``async with recorder:`` (the
-    middleware does this in the app's lifespan) or let the first stream open it lazily.
-
-    Tuning: ``batch_size`` chunks (or ``flush_interval`` seconds) trigger a write;
-    ``max_pending`` bounds the queue; when it is full an append waits up to ``max_wait``
-    seconds for room (``None``: wait forever, ``0``: never wait), then drops the chunk and
-    the stream's record counts it in ``metadata["dropped_chunks"]``.
+    Every method is called from the event loop of the :class:`Recorder` that owns the
+    backend; ``write`` is only ever called by its one writer task, one batch at a time.
     """
 
-    def __init__(
-        self,
-        *,
-        batch_size: int = 2000,
-        flush_interval: float = 0.05,
-        max_pending: int = 200_000,
-        max_wait: float | None = 5.0,
-    ) -> None:
-        self._writer = BufferedWriter(
-            self.write,
-            Policy(batch_size=batch_size, interval=flush_interval, max_pending=max_pending, max_wait=max_wait),
-        )
-        #: Queue a chunk if there is room; False means the caller must ``await append``.
-        self.try_append: Callable[[Chunk], bool] = self._writer.try_put
-        self._opened = False
-        #: True when opened by the user or the middleware, who will close it; a lazily
-        #: opened recorder is flushed at the end of each stream instead.
-        self.managed = False
-
-    # -- lifecycle -------------------------------------------------------------------
-    async def open(self) -> None:
-        """Connect the backend and start the writer. Idempotent."""
-        self.managed = True
-        await self._ensure_open()
-
-    async def ensure_open(self) -> None:
-        """Open lazily on first use (also after the event loop that opened it went away)."""
-        if not self._opened or not self._writer.alive:
-            await self._ensure_open()
-
-    async def _ensure_open(self) -> None:
-        if not self._opened:
-            await self.connect()
-            self._opened = True
-        if not self._writer.alive:
-            self._writer.start()
-
-    async def close(self, timeout: float = 10.0) -> None:
-        """Write what is queued (retrying for up to ``timeout`` seconds), stop the writer, disconnect."""
-        if not self._opened:
-            return
-        try:
-            await self._writer.stop(timeout)
-        finally:
-            self._opened = False
-            self.managed = False
-            await self.disconnect()
-
-    async def __aenter__(self) -> Recorder:
-        await self.open()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
-
-    # -- the record path: queue only, never touch storage ------------------------------
-    def start(self, start: StreamStart) -> None:
-        self._writer.put_start(start)
-
-
-    async def append(self, chunk: Chunk) -> bool:
-        """Queue a chunk, waiting for room per the policy; False if it had to be dropped."""
-        return await self._writer.put(chunk)
-
-    def finish(self, end: StreamEnd) -> None:
-        self._writer.put_end(end)
-
-    async def flush(self) -> None:
-        """Return once everything queued before this call is durable in the backend."""
-        await self._writer.flush()
-
-    @property
-    def stats(self) -> dict[str, Any]:
-        """Writer counters: queued, written, pending, dropped, write failures, last error."""
-        return self._writer.stats()
-
-    # -- what a backend implements -------------------------------------------------------
     async def connect(self) -> None:
-        """Open connections and create the schema. Called once before the first write."""
+        """Open connections and create the schema. Raise a clear error if that cannot be done."""
 
-    async def disconnect(self) -> None:
-        """Release connections. Called after the writer has stopped."""
+    async def close(self) -> None:
+        """Release connections. Called after the last write."""
+
+    def is_transient(self, exc: BaseException) -> bool:
+        """Whether a failed ``write`` may succeed if simply tried again (a lock, a lost
+        connection, a full disk). Anything else is blamed on the batch's content: the
+        recorder then isolates the stream whose records fail and stores it without its
+        bad part, so one record never blocks the others."""
+        return isinstance(exc, (OSError, TimeoutError, ConnectionError))
 
     @abc.abstractmethod
     async def write(self, batch: Batch) -> None:
@@ -258,6 +273,7 @@ class Recorder(abc.ABC):
         An end sets the final status, error and metadata, and freezes the stream's
         ``content`` (its text-event chunks joined in seq order) and ``chunk_count``.
         Must be safe to retry after a failure (a chunk already stored is not doubled).
+        Values arrive storable: metadata holds only JSON types, strings are valid Unicode.
         """
 
     @abc.abstractmethod
@@ -274,8 +290,5 @@ class Recorder(abc.ABC):
 
     @abc.abstractmethod
     async def recover(self, is_orphan: Callable[[str], bool]) -> int:
-        """Mark streams left ``streaming`` whose owner ``is_orphan(owner)`` as interrupted.
-
-        Their chunks stay; content and chunk count are frozen as for any end. Returns how
-        many streams were marked.
-        """
+        """End streams left ``streaming`` whose owner ``is_orphan(owner)`` with
+        :func:`recovered_end` (chunks kept). Returns how many were ended."""

@@ -1,17 +1,17 @@
-"""An in-process recorder for tests: the same writer and semantics, kept in dicts."""
+"""An in-process backend for tests: the same recorder and semantics, kept in dicts."""
 
 from __future__ import annotations
 
 import copy
 import json
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .base import Batch, Chunk, Recorder, StreamRecord, StreamStatus, dump_metadata, to_datetime
+from .base import Backend, Batch, Chunk, StreamRecord, StreamStatus, recovered_end, to_datetime
+from .recorder import Recorder
 
-__all__ = ["MemoryRecorder"]
+__all__ = ["MemoryBackend", "MemoryRecorder"]
 
 
 @dataclass(slots=True)
@@ -30,46 +30,53 @@ class _Row:
 
 
 def _stored(metadata: dict[str, Any]) -> dict[str, Any]:
-    """Metadata as a database would give it back (JSON types only)."""
-    result: dict[str, Any] = json.loads(dump_metadata(metadata))
+    """Metadata as a database would give it back (a copy, through JSON: strict, as real backends are)."""
+    result: dict[str, Any] = json.loads(json.dumps(metadata, ensure_ascii=False, allow_nan=False))
     return result
 
 
-class MemoryRecorder(Recorder):
-    """Keeps every stream in memory. Batching, flushing and backpressure behave as for SQLite."""
+class MemoryBackend(Backend):
+    """Keeps every stream in a dict."""
 
-    def __init__(self, **options: Any) -> None:
-        super().__init__(**options)
-        self._rows: dict[str, _Row] = {}
+    def __init__(self) -> None:
+        self.rows: dict[str, _Row] = {}
 
     def __repr__(self) -> str:
-        return f"MemoryRecorder({len(self._rows)} streams)"
+        return f"<{len(self.rows)} streams in memory>"
 
     async def write(self, batch: Batch) -> None:
-        rows = self._rows
-        for s in batch.starts:
-            rows.setdefault(
-                s.id,
-                _Row(s.id, StreamStatus.STREAMING, s.created_at, s.path, s.method, s.text_event, s.owner,
-                     _stored(s.metadata)),
-            )
-        for c in batch.chunks:
-            rows[c.stream_id].chunks.setdefault(c.seq, c)
-        for e in batch.ends:
+        rows = self.rows
+        # Check everything first, then apply: a batch is all or nothing, as in a transaction.
+        starts = [(s, _stored(s.metadata)) for s in batch.starts if s.id not in rows]
+        known = rows.keys() | {s.id for s, _ in starts}
+        for sid in [seg.stream_id for seg in batch.segments] + [e.id for e in batch.ends]:
+            if sid not in known:
+                raise KeyError(f"stream {sid} has records but was never started")
+        ends = [(e, _stored(e.metadata)) for e in batch.ends]
+        for s, meta in starts:
+            rows[s.id] = _Row(s.id, StreamStatus.STREAMING, s.created_at, s.path, s.method, s.text_event, s.owner, meta)
+        for seg in batch.segments:
+            stored = rows[seg.stream_id].chunks
+            for chunk in seg.chunks():
+                stored.setdefault(chunk.seq, chunk)
+        for e, meta in ends:
             row = rows[e.id]
-            row.status, row.completed_at, row.error = e.status, e.completed_at, e.error
-            row.metadata = _stored(e.metadata)
+            row.status, row.completed_at, row.error, row.metadata = e.status, e.completed_at, e.error, meta
 
     async def recover(self, is_orphan: Callable[[str], bool]) -> int:
-        orphans = [r for r in self._rows.values() if r.status is StreamStatus.STREAMING and is_orphan(r.owner)]
+        orphans = [r for r in self.rows.values() if r.status is StreamStatus.STREAMING and is_orphan(r.owner)]
         for row in orphans:
-            row.status, row.completed_at = StreamStatus.INTERRUPTED, time.time()
-            row.error = "process ended mid-stream"
-            row.metadata["recovered"] = True
+            end = recovered_end(row.id, row.created_at, row.text_event, row.metadata, self._ordered(row))
+            row.status, row.completed_at, row.error = end.status, end.completed_at, end.error
+            row.metadata = end.metadata
         return len(orphans)
 
+    @staticmethod
+    def _ordered(row: _Row) -> list[Chunk]:
+        return [row.chunks[k] for k in sorted(row.chunks)]
+
     def _record(self, row: _Row) -> StreamRecord:
-        ordered = [row.chunks[k] for k in sorted(row.chunks)]
+        ordered = self._ordered(row)
         created = to_datetime(row.created_at)
         assert created is not None
         return StreamRecord(
@@ -86,17 +93,30 @@ class MemoryRecorder(Recorder):
         )
 
     async def get(self, stream_id: str) -> StreamRecord | None:
-        row = self._rows.get(stream_id)
+        row = self.rows.get(stream_id)
         return None if row is None else self._record(row)
 
     async def chunks(self, stream_id: str, after: int = 0) -> list[Chunk]:
-        row = self._rows.get(stream_id)
+        row = self.rows.get(stream_id)
         if row is None:
             return []
         return [row.chunks[k] for k in sorted(row.chunks) if k > after]
 
     async def list_streams(self, status: StreamStatus | str | None = None, limit: int = 100) -> list[StreamRecord]:
         wanted = None if status is None else StreamStatus(status)
-        rows = [r for r in self._rows.values() if wanted is None or r.status is wanted]
+        rows = [r for r in self.rows.values() if wanted is None or r.status is wanted]
         rows.sort(key=lambda r: r.created_at, reverse=True)
         return [self._record(r) for r in rows[:limit]]
+
+
+class MemoryRecorder(Recorder):
+    """A :class:`Recorder` over a :class:`MemoryBackend`: batching, flushing and backpressure
+    behave as for SQLite. Takes the recorder's tuning options."""
+
+    backend: MemoryBackend
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(MemoryBackend(), **options)
+
+    def __repr__(self) -> str:
+        return f"MemoryRecorder({len(self.backend.rows)} streams)"

@@ -10,22 +10,25 @@ used by one thread at a time, let reads run while a batch is being written.
 from __future__ import annotations
 
 import array
-import itertools
 import json
-import operator
+import logging
+import os
 import sqlite3
 import sys
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio.to_thread
 
-from .base import Batch, Chunk, Recorder, StreamRecord, StreamStatus, dump_metadata, to_datetime
+from .base import Backend, Batch, Chunk, Segment, StreamEnd, StreamRecord, StreamStatus, recovered_end, to_datetime
+from .buffered import RecorderError
+from .recorder import Recorder
 
-__all__ = ["SCHEMA_VERSION", "SQLiteRecorder"]
+__all__ = ["SCHEMA_VERSION", "SQLiteBackend", "SQLiteRecorder"]
+
+log = logging.getLogger("asgi_stream_recorder")
 
 T = TypeVar("T")
 
@@ -84,11 +87,10 @@ _END_STREAM = (
     " WHERE id = ?"
 )
 _COLUMNS = "id, status, created_at, completed_at, error, metadata, path, method, text_event, chunk_count, content"
-_BY_STREAM, _DATA, _EVENT, _AT = (operator.itemgetter(i) for i in (0, 2, 3, 4))
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
-def _pack(times: list[float]) -> bytes:
+def _pack(times: array.array[float]) -> bytes:
     packed = array.array("d", times)
     if sys.byteorder == "big":
         packed.byteswap()
@@ -103,63 +105,102 @@ def _unpack(blob: bytes) -> array.array[float]:
     return times
 
 
-class SQLiteRecorder(Recorder):
-    """Record streams into the SQLite file at ``path`` (created with its schema on open)."""
+class SQLiteBackend(Backend):
+    """The SQLite file at ``path`` (created with its schema on connect)."""
 
-    def __init__(self, path: str | Path = "streams.db", **options: Any) -> None:
-        super().__init__(**options)
+    def __init__(self, path: str | Path = "streams.db", *, busy_timeout: float = 1.0) -> None:
         if str(path) == ":memory:":
             raise ValueError("SQLiteRecorder needs a file (it uses two connections): use MemoryRecorder for tests")
         self.path = str(path)
+        #: seconds one statement waits on another process's lock before the write fails and is
+        #: retried by the recorder (short, so that a flush or close keeps its deadline)
+        self.busy_timeout = busy_timeout
         self._wcon: sqlite3.Connection | None = None
         self._rcon: sqlite3.Connection | None = None
+        self._identity: tuple[int, int] | None = None
         self._wlock = threading.Lock()
         self._rlock = threading.Lock()
 
     def __repr__(self) -> str:
-        return f"SQLiteRecorder({self.path!r})"
+        return repr(self.path)
 
     # -- connections ---------------------------------------------------------------------
-    def _connect_sync(self) -> tuple[sqlite3.Connection, sqlite3.Connection]:
+    def _open(self) -> None:
+        """Open both connections (schema created or checked); called with the write lock held."""
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        wcon = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10)
+        wcon = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=self.busy_timeout)
         try:
             wcon.execute("PRAGMA journal_mode=WAL")
             wcon.execute("PRAGMA synchronous=NORMAL")
             version = wcon.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
-                raise RuntimeError(
-                    f"{self.path} has schema version {version}, newer than this library's {SCHEMA_VERSION}: upgrade"
+                raise sqlite3.DatabaseError(
+                    f"schema version {version} is newer than this library's {SCHEMA_VERSION}: upgrade the library"
                 )
             if version < SCHEMA_VERSION:
                 wcon.executescript(f"BEGIN IMMEDIATE; {_SCHEMA}; PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
-            rcon = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10)
+            rcon = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None,
+                                   timeout=self.busy_timeout)
         except BaseException:
             wcon.close()
             raise
-        return wcon, rcon
+        with self._rlock:
+            old = self._rcon
+            self._wcon, self._rcon = wcon, rcon
+        self._identity = _identity(self.path)
+        if old is not None:
+            old.close()
 
     async def connect(self) -> None:
-        self._wcon, self._rcon = await anyio.to_thread.run_sync(self._connect_sync)
+        def run() -> None:
+            with self._wlock:
+                self._open()
 
-    async def disconnect(self) -> None:
-        wcon, rcon, self._wcon, self._rcon = self._wcon, self._rcon, None, None
-        for con in (wcon, rcon):
-            if con is not None:
-                await anyio.to_thread.run_sync(con.close)
+        try:
+            await anyio.to_thread.run_sync(run)
+        except (sqlite3.Error, OSError) as exc:
+            raise RecorderError(f"cannot open the SQLite database {self.path}: {exc}") from exc
+
+    async def close(self) -> None:
+        def run() -> None:
+            with self._wlock, self._rlock:
+                cons, self._wcon, self._rcon = (self._wcon, self._rcon), None, None
+            for con in cons:
+                if con is not None:
+                    con.close()
+
+        await anyio.to_thread.run_sync(run)
+
+    def is_transient(self, exc: BaseException) -> bool:
+        # Locked, busy, full, I/O errors, a file that is (for now) not a database: worth retrying.
+        # Integrity, programming and data errors come from the batch's content.
+        return type(exc) in (sqlite3.OperationalError, sqlite3.DatabaseError) or super().is_transient(exc)
+
+    def _check_file(self) -> None:
+        """Reopen if the file was deleted or replaced under us (writes would go to an unlinked file)."""
+        if _identity(self.path) != self._identity:
+            log.error("SQLite database %s was deleted or replaced while in use: reopening it (records written "
+                      "since are in the new file; those before are wherever the old file went)", self.path)
+            self._open()
 
     async def _writing(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         def run() -> T:
             with self._wlock:
                 if self._wcon is None:
                     raise RuntimeError("SQLiteRecorder is closed")
+                self._check_file()
                 con = self._wcon
+                assert con is not None
                 con.execute("BEGIN IMMEDIATE")
                 try:
                     result = fn(con)
                     con.execute("COMMIT")
                 except BaseException:
-                    con.execute("ROLLBACK")
+                    if con.in_transaction:  # SQLite rolls back by itself on some errors (a full disk)
+                        try:
+                            con.execute("ROLLBACK")
+                        except sqlite3.Error as exc:  # keep the error that happened, not this one
+                            log.warning("SQLite rollback failed after a failed write: %r", exc)
                     raise
                 return result
 
@@ -180,13 +221,13 @@ class SQLiteRecorder(Recorder):
 
     async def recover(self, is_orphan: Callable[[str], bool]) -> int:
         def run(con: sqlite3.Connection) -> int:
-            rows = con.execute("SELECT id, owner, text_event, metadata FROM streams WHERE status = 'streaming'")
+            rows = con.execute(
+                "SELECT id, owner, created_at, text_event, metadata FROM streams WHERE status = 'streaming'"
+            )
             orphans = [row for row in rows.fetchall() if is_orphan(row[1])]
-            for sid, _, text_event, metadata in orphans:
-                meta = json.loads(metadata)
-                meta["recovered"] = True
-                content, count = _text_and_count(con, sid, text_event)
-                _freeze(con, sid, StreamStatus.INTERRUPTED, None, "process ended mid-stream", meta, content, count)
+            for sid, _, created_at, text_event, metadata in orphans:
+                end = recovered_end(sid, created_at, text_event, json.loads(metadata), _chunks_of(con, sid, 0))
+                _freeze(con, end)
             return len(orphans)
 
         return await self._writing(run)
@@ -219,59 +260,70 @@ class SQLiteRecorder(Recorder):
         return await self._reading(run)
 
 
+class SQLiteRecorder(Recorder):
+    """Record streams into the SQLite file at ``path``: a :class:`Recorder` over a
+    :class:`SQLiteBackend`. Takes the recorder's tuning options."""
+
+    backend: SQLiteBackend
+
+    def __init__(self, path: str | Path = "streams.db", **options: Any) -> None:
+        super().__init__(SQLiteBackend(path), **options)
+
+    def __repr__(self) -> str:
+        return f"SQLiteRecorder({self.path!r})"
+
+    @property
+    def path(self) -> str:
+        return self.backend.path
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def _write_batch(con: sqlite3.Connection, batch: Batch) -> None:
     if batch.starts:
         con.executemany(
             _INSERT_STREAM,
             [
-                (s.id, s.created_at, dump_metadata(s.metadata), s.path, s.method, s.text_event, s.owner)
+                (s.id, s.created_at, _dumps(s.metadata), s.path, s.method, s.text_event, s.owner)
                 for s in batch.starts
             ],
         )
-    if batch.chunks:
-        con.executemany(_INSERT_SEGMENT, _segments(batch.chunks))
+    if batch.segments:
+        con.executemany(_INSERT_SEGMENT, _segment_rows(batch.segments))
     for end in batch.ends:
-        content, count = end.content, end.chunk_count
-        if content is None or count is None:
+        if end.content is None or end.chunk_count is None:
             row = con.execute("SELECT text_event FROM streams WHERE id = ?", (end.id,)).fetchone()
             if row is None:
-                raise RuntimeError(f"stream {end.id} ended but was never started")
-            content, count = _text_and_count(con, end.id, row[0])
-        _freeze(con, end.id, end.status, end.completed_at, end.error, end.metadata, content, count)
+                raise sqlite3.IntegrityError(f"stream {end.id} ended but was never started")
+            chunks = _chunks_of(con, end.id, 0)
+            end.content = "".join(c.data for c in chunks if c.event == row[0])
+            end.chunk_count = len(chunks)
+        _freeze(con, end)
 
 
-def _freeze(
-    con: sqlite3.Connection,
-    stream_id: str,
-    status: StreamStatus,
-    completed_at: float | None,
-    error: str | None,
-    metadata: dict[str, Any],
-    content: str,
-    count: int,
-) -> None:
-    if completed_at is None:
-        completed_at = time.time()
-    params = (str(status), completed_at, error, dump_metadata(metadata), count, content, stream_id)
+def _freeze(con: sqlite3.Connection, end: StreamEnd) -> None:
+    params = (str(end.status), end.completed_at, end.error, _dumps(end.metadata), end.chunk_count, end.content,
+              end.id)
     if con.execute(_END_STREAM, params).rowcount != 1:
-        raise RuntimeError(f"stream {stream_id} ended but was never started")
+        raise sqlite3.IntegrityError(f"stream {end.id} ended but was never started")
 
 
-def _segments(chunks: list[Chunk]) -> list[tuple[Any, ...]]:
+def _segment_rows(segments: list[Segment]) -> list[tuple[Any, ...]]:
     """Rows for the segments table: per stream, runs of consecutive seqs, as column arrays."""
     rows: list[tuple[Any, ...]] = []
-    # Stable sort: each stream's chunks stay in seq order, as they were queued.
-    for stream_id, group in itertools.groupby(sorted(chunks, key=_BY_STREAM), _BY_STREAM):
-        run = list(group)
-        if run[-1].seq - run[0].seq + 1 == len(run):
-            runs = [run]
-        else:  # a gap (a dropped chunk): split into runs of consecutive seqs
-            cuts = [i for i in range(1, len(run)) if run[i].seq != run[i - 1].seq + 1]
-            runs = [run[lo:hi] for lo, hi in zip([0, *cuts], [*cuts, len(run)], strict=True)]
-        for part in runs:
-            events = list(map(_EVENT, part))
-            rows.append((stream_id, part[0].seq, part[-1].seq, _dumps(list(map(_DATA, part))),
-                         _dumps(events) if any(events) else None, _pack(list(map(_AT, part)))))
+    for seg in segments:
+        seqs, data, at = seg.seqs, seg.data, seg.at_ms
+        events = seg.events
+        for lo, hi in seg.runs():
+            names = None if events is None else events[lo:hi]
+            rows.append((seg.stream_id, seqs[lo], seqs[hi - 1], _dumps(data[lo:hi]),
+                         _dumps(names) if names is not None and any(names) else None, _pack(at[lo:hi])))
     return rows
 
 

@@ -1,0 +1,370 @@
+"""``StreamDriver``: one event stream, from its first byte to its end, in one task.
+
+Both kinds of recorded stream use it: a decorated generator (:meth:`StreamDriver.stream`
+pumps its items) and an undecorated SSE response recorded from the wire by the middleware
+(:mod:`~asgi_stream_recorder.wiretap` feeds it the app's bytes). The driver owns what
+they share:
+
+* the client's leaving, noticed once, by the disconnect watch or by a failed ``send``;
+  with ``on_disconnect="continue"`` the stream goes on (in the same task: a generator is
+  never resumed in another one), taking one of the host's background places, released once;
+* one watch task per stream, which reads ``receive`` for the disconnect and sends the
+  keep-alive comments of an idle stream;
+* the interruption by a shutdown (:meth:`interrupt`);
+* the facts of how the stream stopped (an error, the end of the source, the client, or
+  anything else), handed to :func:`~asgi_stream_recorder.session.decide_status`;
+* the last word to the client: the format's end, error or shutdown event.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, Literal, Protocol
+
+import anyio
+import anyio.lowlevel
+from starlette.types import Message, Receive, Send
+
+from .formats import SSE, WireFormat
+from .recorders.base import Chunk, StreamStatus
+from .recorders.buffered import RecorderError
+from .session import StreamSession, decide_status
+from .sse import PING, ServerSentEvent, encode, encode_data, to_text
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
+
+__all__ = ["Host", "OnDisconnect", "StreamDriver", "unwrap_group"]
+
+log = logging.getLogger("asgi_stream_recorder")
+
+OnDisconnect = Literal["cancel", "continue"]
+
+_CLOSE_TIMEOUT = 5.0  # how long a source's cleanup (its finally blocks) may take
+_LAST_WORD_TIMEOUT = 1.0  # how long the final event may take to send
+
+
+class Host(Protocol):
+    """What the middleware offers a stream: shutdown, and bounded background places."""
+
+    shutting_down: bool
+
+    def track(self, stream: StreamDriver) -> None: ...
+
+    def untrack(self, stream: StreamDriver) -> None: ...
+
+    def reserve_background(self) -> bool: ...
+
+    def release_background(self) -> None: ...
+
+
+@contextmanager
+def unwrap_group() -> Iterator[None]:
+    """Re-raise a task group's lone error as itself, so callers (and outer middleware such as
+    Sentry's) see the exception that happened, not an ``ExceptionGroup`` around it."""
+    try:
+        yield
+    except BaseException as exc:
+        inner = exc
+        while isinstance(inner, BaseExceptionGroup) and len(inner.exceptions) == 1:
+            inner = inner.exceptions[0]
+        if inner is exc:
+            raise
+        raise inner from exc.__cause__
+
+
+class StreamDriver:
+    """Drives one stream for one client; see the module docstring."""
+
+    def __init__(
+        self,
+        session: StreamSession | None,
+        receive: Receive,
+        send: Send,
+        *,
+        host: Host | None = None,
+        format: WireFormat = SSE,
+        ping: float | None = 15.0,
+        on_disconnect: OnDisconnect = "cancel",
+    ) -> None:
+        self.session = session
+        self._receive = receive
+        self._send = send
+        self.host = host
+        self.format = format
+        self.ping = ping
+        self.continues = on_disconnect == "continue"
+        # the facts of how it stopped, set once each
+        self.error: BaseException | None = None
+        self.exhausted = False
+        self.stopped_for_client = False
+        self.interrupted = False
+        self.client_gone = False
+        self.started = False  # the response's start message went out
+        self.ended = False  # the last body message went out
+        self.at_boundary = True  # the bytes sent so far end between events (a ping may go in)
+        self.status: StreamStatus | None = None
+        self._reserved = False
+        self._scope: anyio.CancelScope | None = None
+        self._last_send = time.perf_counter()
+        #: receive messages the watch read that belong to the app (wire recording only)
+        self.forward: Callable[[Message], None] | None = None
+
+    # -- facts --------------------------------------------------------------------------
+    def attach(self, scope: anyio.CancelScope) -> None:
+        """The cancel scope around the producer, cancelled when the stream must stop."""
+        self._scope = scope
+        if self.interrupted or self.stopped_for_client:
+            scope.cancel()
+
+    def _stop(self) -> None:
+        if self._scope is not None:
+            self._scope.cancel()
+
+    def client_left(self) -> None:
+        """The client is gone (noticed by the watch or a failed send). Idempotent."""
+        if self.client_gone:
+            return
+        self.client_gone = True
+        if self.ended:  # after the last byte a hang-up is just the end
+            return
+        if self.session is not None:
+            self.session.client_left()
+        if self.continues:
+            if self.host is None:  # no middleware: nothing bounds it
+                return
+            if self.host.reserve_background():
+                self._reserved = True
+                return
+            self.continues = False
+            if self.session is not None:
+                self.session.metadata["continue_refused"] = "no room for background streams, or shutting down"
+        if not self.interrupted:
+            self.stopped_for_client = True
+        self._stop()
+
+    def interrupt(self) -> None:
+        """End the stream now because the server is going away (``interrupted``)."""
+        if not self.stopped_for_client:
+            self.interrupted = True
+        self._stop()
+
+    def fail(self, exc: BaseException, what: str) -> None:
+        """Note an error that ends the stream (the first one counts) and log it once."""
+        if self.error is None:
+            self.error = exc
+            sid = self.session.id if self.session is not None else "(unrecorded)"
+            log.error("stream %s failed: %s: %s", sid, what, exc, exc_info=exc)
+
+    # -- sending ------------------------------------------------------------------------------
+    async def start(self, message: Message) -> None:
+        """Send the response's start; a client already gone is noted."""
+        self.started = True
+        try:
+            await self._send(message)
+        except OSError:
+            self.client_left()
+
+    async def send_body(self, body: bytes) -> None:
+        """Send bytes mid-stream if the client is there; a client that left is noted."""
+        if self.client_gone:
+            return
+        self._last_send = time.perf_counter()
+        try:
+            await self._send({"type": "http.response.body", "body": body, "more_body": True})
+        except OSError:
+            self.client_left()
+
+    async def watch(self) -> None:
+        """Read ``receive`` until the client leaves; keep an idle stream alive with pings."""
+        ping, receive = self.ping, self._receive
+        while not self.client_gone:
+            message: Message | None = None
+            if ping is None:
+                message = await receive()
+            else:
+                idle = time.perf_counter() - self._last_send
+                if self.session is not None:
+                    idle = min(idle, self.session.idle_seconds())
+                if idle >= ping:
+                    if self.at_boundary and not self.ended:
+                        await self.send_body(PING)
+                        continue
+                    idle = ping * 0.75  # mid-event: look again soon
+                with anyio.move_on_after(ping - idle):
+                    message = await receive()
+                if message is None:
+                    continue
+            if message["type"] == "http.disconnect":
+                break
+            if self.forward is not None:
+                self.forward(message)
+        self.client_left()
+
+    # -- a decorated generator ------------------------------------------------------------
+    async def stream(self, start: Message, source: AsyncIterator[Any], event: str | None) -> None:
+        """Run a decorated stream: the start, the items, the end. Returns when the stream is
+        over for the client (and over entirely: a ``continue`` stream finishes first)."""
+        assert self.session is not None
+        if self.host is not None:
+            self.host.track(self)
+        try:
+            await self.start(start)
+            if not self.client_gone or self.continues:
+                with unwrap_group():
+                    async with anyio.create_task_group() as tg:
+                        self.attach(tg.cancel_scope)
+                        if not self.client_gone:
+                            tg.start_soon(self.watch)
+                        await self._pump(source, event)
+                        tg.cancel_scope.cancel()
+        except Exception as exc:  # our own machinery failed (not the source: _pump keeps those)
+            self.fail(exc, "the stream's machinery raised")
+            raise
+        finally:
+            with anyio.CancelScope(shield=True):
+                await _close(source)
+                await self.finish()
+
+    async def _pump(self, source: AsyncIterator[Any], default_event: str | None) -> None:
+        """Move items from the source to the client and the record until one side stops."""
+        session = self.session
+        assert session is not None
+        send = self._send
+        wire = self.format
+        custom_wire = type(wire) is not WireFormat
+        record_nowait = session.record_nowait
+        while True:
+            if self.client_gone and not self.continues:  # seen by the watch (a busy source may not yield to it)
+                return
+            try:
+                item = await anext(source)
+            except StopAsyncIteration:
+                self.exhausted = True
+                return
+            except Exception as exc:
+                self.fail(exc, "its source raised")
+                return
+            try:
+                cls = type(item)
+                if cls is str:
+                    text, event, extra = item, default_event, None
+                elif cls is ServerSentEvent:
+                    if item.id is not None:
+                        raise ValueError(
+                            "ServerSentEvent.id is assigned by the recorder (it is the chunk's seq, "
+                            "used for Last-Event-ID resume): leave it None"
+                        )
+                    if item.text is None:  # a comment or retry hint: sent, not recorded
+                        await self.send_body(encode(item))
+                        continue
+                    text, event = item.text, item.event or default_event
+                    extra = item if item.retry is not None or item.comment is not None else None
+                else:
+                    text, event, extra = _item_text(item), default_event, None
+                seq = session.stamp()
+                if self.client_gone:
+                    text.encode()  # what the client could not have been sent is not recorded either
+                else:
+                    if custom_wire or extra is not None:
+                        body = wire.chunk(session, Chunk(session.id, seq, text, event, 0.0), extra)
+                    elif event is None and "\n" not in text and "\r" not in text:  # the common token: inline
+                        body = f"id: {seq}\ndata: {text}\n\n".encode()
+                    else:
+                        body = encode_data(text, seq, event)
+                    try:
+                        await send({"type": "http.response.body", "body": body, "more_body": True})
+                    except OSError:
+                        self.client_left()
+                        if not self.continues:
+                            return
+            except Exception as exc:
+                self.fail(exc, "an item could not be sent")
+                return
+            if not record_nowait(text, event):
+                await session.record(text, event)
+            if not seq & 31:  # a source and a send that never suspend would starve the loop
+                await anyio.lowlevel.checkpoint()
+
+    # -- the end ---------------------------------------------------------------------------
+    async def finish(self) -> StreamStatus:
+        """Decide the status, queue the record's end, say the last word, release what was held.
+        Call once, shielded."""
+        session = self.session
+        if session is not None:
+            status = session.end(error=self.error, exhausted=self.exhausted,
+                                 stopped_for_client=self.stopped_for_client)
+        else:
+            status = decide_status(error=self.error, exhausted=self.exhausted,
+                                   stopped_for_client=self.stopped_for_client)
+        self.status = status
+        try:
+            if self.started and not self.client_gone and not self.ended:
+                await self._last_word(status)
+        finally:
+            if self.host is not None:
+                self.host.untrack(self)
+                if self._reserved:
+                    self._reserved = False
+                    self.host.release_background()
+            if session is not None and not session.recorder.managed:
+                # nobody will close this recorder: make the stream durable now
+                try:
+                    await session.recorder.flush(timeout=_CLOSE_TIMEOUT)
+                except RecorderError as exc:
+                    log.error("stream %s: its record could not be written: %s", session.id, exc)
+        return status
+
+    async def _last_word(self, status: StreamStatus) -> None:
+        wire, session = self.format, self.session
+        body = b""
+        try:
+            if status is StreamStatus.FAILED:
+                body = wire.error(session) if session is not None else _ERROR_UNRECORDED
+            elif status is StreamStatus.COMPLETED:
+                if session is None:
+                    return  # an undecorated app ended its own body
+                body = wire.end(session)
+            elif status is StreamStatus.INTERRUPTED:
+                body = wire.shutdown(session) if session is not None else SHUTDOWN_UNRECORDED
+        except Exception as exc:  # a custom format failing at the end: the status stands, say it
+            log.error("the stream's wire format failed to write its last event: %r", exc)
+            body = b""
+        self.ended = True
+        with anyio.move_on_after(_LAST_WORD_TIMEOUT):
+            try:
+                await self._send({"type": "http.response.body", "body": body, "more_body": False})
+            except OSError:
+                pass
+
+
+_ERROR_UNRECORDED = encode(ServerSentEvent({"message": "stream failed"}, event="error"))
+SHUTDOWN_UNRECORDED = encode(ServerSentEvent({"message": "server shutting down"}, event="shutdown", retry=1000))
+
+
+async def _close(source: AsyncIterator[Any]) -> None:
+    """Run the source's cleanup (its ``finally`` blocks), bounded."""
+    aclose = getattr(source, "aclose", None)
+    if aclose is None:
+        return
+    with anyio.move_on_after(_CLOSE_TIMEOUT) as scope:
+        try:
+            await aclose()
+        except Exception as exc:
+            log.warning("closing the source raised %r", exc)
+    if scope.cancelled_caught:
+        log.warning("the source's cleanup took over %.0fs and was abandoned", _CLOSE_TIMEOUT)
+
+
+def _item_text(item: Any) -> str:
+    """Text of a yielded item other than str/ServerSentEvent (the str case is inlined)."""
+    if isinstance(item, (str, bytes, bytearray, memoryview, dict, list)):
+        return to_text(item)
+    raise TypeError(
+        f"a recorded stream cannot send an item of type {type(item).__module__}.{type(item).__qualname__}: "
+        "yield str, bytes, dict, list or ServerSentEvent"
+    )

@@ -1,0 +1,68 @@
+"""Wire formats: how a stream's chunks, its end, an error and a shutdown look to the client.
+
+The record is the same whatever the format; a format only changes the bytes sent.
+:class:`WireFormat` is plain SSE (``id: <seq>``, the chunk's event name, its text as
+``data``); ``format="openai"`` is :class:`~asgi_stream_recorder.integrations.openai.OpenAIFormat`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ..recorders.base import Chunk
+from ..sse import ServerSentEvent, encode, encode_data
+
+if TYPE_CHECKING:
+    from ..session import StreamSession
+
+__all__ = ["WireFormat", "going_away_event", "resolve_format"]
+
+
+def going_away_event(stream_id: str, last_seq: int) -> bytes:
+    """The last event of a stream ended by a shutdown; the client may reconnect with Last-Event-ID."""
+    return encode(
+        ServerSentEvent(
+            {"message": "server shutting down", "stream_id": stream_id, "last_event_id": str(last_seq)},
+            event="shutdown",
+            retry=1000,
+        )
+    )
+
+
+class WireFormat:
+    """Plain SSE. Subclasses change the bytes the client sees, never what is recorded."""
+
+    def chunk(self, session: StreamSession, chunk: Chunk, extra: ServerSentEvent | None) -> bytes:
+        """Bytes for one data chunk; ``extra`` carries a yielded event's ``retry``/``comment``."""
+        if extra is None:
+            return encode_data(chunk.data, str(chunk.seq), chunk.event)
+        return encode(ServerSentEvent(chunk.data, event=chunk.event, id=str(chunk.seq), retry=extra.retry,
+                                      comment=extra.comment))
+
+    def end(self, session: StreamSession) -> bytes:
+        """Bytes after the last chunk of a stream that completed."""
+        return b""
+
+    def error(self, session: StreamSession) -> bytes:
+        """What the client is told when the stream fails: no error text (it may hold secrets)."""
+        return encode(ServerSentEvent({"message": "stream failed", "stream_id": session.id}, event="error"))
+
+    def shutdown(self, session: StreamSession) -> bytes:
+        """The last event of a stream the server ended while shutting down."""
+        return going_away_event(session.id, session.seq)
+
+
+SSE = WireFormat()
+
+
+def resolve_format(format: str | WireFormat) -> WireFormat:
+    """A format given by name (``"sse"``, ``"openai"``) or as an object."""
+    if isinstance(format, WireFormat):
+        return format
+    if format == "sse":
+        return SSE
+    if format == "openai":
+        from ..integrations.openai import OpenAIFormat
+
+        return OpenAIFormat()
+    raise ValueError(f"format must be 'sse', 'openai' or a WireFormat, not {format!r}")

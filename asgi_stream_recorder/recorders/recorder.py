@@ -1,0 +1,175 @@
+""":class:`Recorder`: the object users hold, over a :class:`~.base.Backend` that stores.
+
+The recorder owns the queue and its writer (batching, bounds, retries, flushing), makes
+every value storable before it is queued, and reads through its backend. ``SQLiteRecorder``
+and ``MemoryRecorder`` are recorders over their backends; any other backend is used as
+``Recorder(MyBackend(...))``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any
+
+from .base import Backend, Chunk, StreamEnd, StreamRecord, StreamStart, StreamStatus
+from .buffered import BufferedWriter, Policy
+from .storable import UNSTORABLE_KEY, storable_metadata, storable_text
+
+__all__ = ["Recorder"]
+
+log = logging.getLogger("asgi_stream_recorder")
+
+
+class Recorder:
+    """Records streams into ``backend``, off the client's path.
+
+    The record path (``start``, ``put_chunk``, ``finish``) only queues; a background
+    writer owned by the recorder persists batches. Open it with ``async with recorder:``
+    (the middleware does this in the app's lifespan) or let the first stream open it lazily.
+
+    Tuning: ``batch_size`` chunks (or ``flush_interval`` seconds) trigger a write. The
+    queue holds at most ``max_pending`` chunks and ``max_pending_bytes`` characters of
+    chunk text; when it is full (the database is down or slower than the streams) a chunk
+    is dropped at once and counted in its record's ``metadata["dropped_chunks"]``: the
+    client never waits on storage. ``max_wait`` (seconds, or None for no bound) opts in to
+    making a stream wait for room instead. Starts and ends are never dropped.
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        batch_size: int = 2000,
+        flush_interval: float = 0.05,
+        max_pending: int = 200_000,
+        max_pending_bytes: int = 64 * 1024 * 1024,
+        max_wait: float | None = 0.0,
+    ) -> None:
+        self.backend = backend
+        self._writer = BufferedWriter(
+            backend,
+            Policy(batch_size=batch_size, interval=flush_interval, max_pending=max_pending,
+                   max_pending_bytes=max_pending_bytes, max_wait=max_wait),
+        )
+        #: Queue a chunk ``(stream_id, seq, data, event, at_ms)`` if there is room; False: dropped.
+        self.put_chunk: Callable[[str, int, str, str | None, float], bool] = self._writer.put_chunk
+        self._opened = False
+        #: True when opened by the user or the middleware, who will close it; a lazily
+        #: opened recorder is flushed at the end of each stream instead.
+        self.managed = False
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.backend!r})"
+
+    @property
+    def waits_for_room(self) -> bool:
+        """Whether a stream waits (up to ``max_wait``) when the queue is full, rather than drop at once."""
+        return self._writer.policy.max_wait != 0
+
+    # -- lifecycle -------------------------------------------------------------------
+    async def open(self) -> None:
+        """Connect the backend and start the writer. Idempotent."""
+        await self._ensure_open()
+        self.managed = True
+
+    async def ensure_open(self) -> None:
+        """Open lazily on first use (also after the event loop that opened it went away)."""
+        if not self._opened or not self._writer.alive:
+            await self._ensure_open()
+
+    async def _ensure_open(self) -> None:
+        if not self._opened:
+            await self.backend.connect()
+            self._opened = True
+        if not self._writer.alive:
+            self._writer.start()
+
+    async def close(self, timeout: float = 10.0) -> None:
+        """Write what is queued (retrying for up to ``timeout`` seconds), stop the writer, disconnect.
+
+        Raises :class:`~asgi_stream_recorder.RecorderError` naming how many records were lost.
+        """
+        if not self._opened:
+            return
+        try:
+            await self._writer.stop(timeout)
+        finally:
+            self._opened = False
+            self.managed = False
+            await self.backend.close()
+
+    async def __aenter__(self) -> Recorder:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    # -- the record path: queue only, never touch storage ------------------------------
+    def start(self, start: StreamStart) -> None:
+        """Queue a stream's start (its metadata made storable here, on the event loop)."""
+        start.metadata = _storable(start.metadata, start.id, log_notes=False)
+        start.path, start.method = _text(start.path), _text(start.method)
+        self._writer.put_start(start)
+
+    async def put_chunk_waiting(self, stream_id: str, seq: int, data: str, event: str | None, at_ms: float) -> bool:
+        """Queue a chunk, waiting for room up to ``max_wait``; False if it had to be dropped."""
+        return await self._writer.put_chunk_waiting(stream_id, seq, data, event, at_ms)
+
+    def finish(self, end: StreamEnd) -> None:
+        """Queue a stream's end (metadata, error and text made storable here)."""
+        end.metadata = _storable(end.metadata, end.id, log_notes=True)
+        end.error, end.content = _text(end.error), _text(end.content)
+        self._writer.put_end(end)
+
+    def note_dropped(self) -> None:
+        """Count a chunk a stream had to drop (in ``stats["dropped"]``; the stream counts its own)."""
+        self._writer.dropped += 1
+
+    async def flush(self, timeout: float | None = 10.0) -> None:
+        """Return once everything queued before this call is durable in the backend.
+
+        Raises :class:`~asgi_stream_recorder.RecorderTimeout` after ``timeout`` seconds
+        (None: no bound) and :class:`~asgi_stream_recorder.RecorderError` if records were lost.
+        """
+        await self._writer.flush(timeout)
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        """Writer counters: queued, written, pending, dropped, write failures, lost, last error."""
+        return self._writer.stats()
+
+    # -- reading -------------------------------------------------------------------------
+    async def get(self, stream_id: str) -> StreamRecord | None:
+        """One stream's record, or None."""
+        return await self.backend.get(stream_id)
+
+    async def chunks(self, stream_id: str, after: int = 0) -> list[Chunk]:
+        """The stream's stored chunks with ``seq > after``, in order."""
+        return await self.backend.chunks(stream_id, after)
+
+    async def list_streams(self, status: StreamStatus | str | None = None, limit: int = 100) -> list[StreamRecord]:
+        """Streams, newest first, optionally only those with ``status``."""
+        return await self.backend.list_streams(status, limit)
+
+    async def recover(self, is_orphan: Callable[[str], bool]) -> int:
+        """End streams left ``streaming`` by dead processes as ``interrupted`` (chunks kept)."""
+        return await self.backend.recover(is_orphan)
+
+
+def _storable(metadata: dict[str, Any], stream_id: str, *, log_notes: bool) -> dict[str, Any]:
+    clean, notes = storable_metadata(metadata)
+    if notes:
+        previous = clean.get(UNSTORABLE_KEY)
+        clean[UNSTORABLE_KEY] = [*(previous if isinstance(previous, list) else []), *notes]
+        if log_notes:
+            log.warning("stream %s: metadata stored with changes: %s", stream_id, "; ".join(notes))
+    return clean
+
+
+def _text(value: str | None) -> str | None:
+    return None if value is None else storable_text(value)[0]

@@ -1,0 +1,200 @@
+"""One HTTP request through the middleware, and the recording of undecorated SSE from the wire.
+
+For most requests this is a thin pass-through: the app runs in the request's task inside
+one cancel scope, and no task group exists (so an app's error reaches outer middleware as
+itself). When the app starts an undecorated ``text/event-stream`` response, the tap adds
+the SSE headers and hands the stream to a :class:`~asgi_stream_recorder.driver.StreamDriver`:
+its watch task (disconnects, keep-alives between events) runs in the middleware's task group,
+and, with ``record_all_sse``, the bytes the app sends are parsed and recorded as they pass.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .driver import Host, OnDisconnect, StreamDriver, unwrap_group
+from .recorders import Recorder
+from .session import StreamSession
+from .sse import SSEParser
+
+__all__ = ["SSE_HEADERS", "WireTap"]
+
+#: Headers every event stream needs so that proxies and browsers neither cache nor buffer it.
+SSE_HEADERS = {
+    "cache-control": "no-cache, no-transform",
+    "x-accel-buffering": "no",
+}
+
+Spawn = Callable[[Callable[[], Awaitable[None]]], None]
+
+
+class WireTap:
+    """See the module docstring. ``spawn`` starts a task in the middleware's task group (None
+    when the server runs no lifespan: the request then opens a task group of its own)."""
+
+    def __init__(
+        self,
+        host: Host,
+        state: Any,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        *,
+        recorder: Recorder | None,
+        ping: float | None,
+        on_disconnect: OnDisconnect,
+        spawn: Spawn | None,
+    ) -> None:
+        self.host, self.state, self.scope, self.receive, self.send = host, state, scope, receive, send
+        self.recorder = recorder  # None: do not record undecorated streams
+        self.ping, self.on_disconnect, self.spawn = ping, on_disconnect, spawn
+        self.driver: StreamDriver | None = None
+        self.parser: SSEParser | None = None
+        self.gone_early = False  # the app read a disconnect before its stream began
+        self._pending: collections.deque[Message] = collections.deque()
+        self._disconnected = anyio.Event()
+        self._watch_scope: anyio.CancelScope | None = None
+        self._done = False
+        self._tg: anyio.abc.TaskGroup | None = None
+
+    async def run(self, app: ASGIApp) -> None:
+        if self.spawn is not None:
+            await self._call(app)
+            return
+        with unwrap_group():
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                await self._call(app)
+                tg.cancel_scope.cancel()
+
+    async def _call(self, app: ASGIApp) -> None:
+        raised: Exception | None = None
+        with anyio.CancelScope() as scope:
+            self._app_scope = scope
+            try:
+                await app(self.scope, self.app_receive, self.app_send)
+                if (driver := self.driver) is not None:
+                    if driver.ended or not driver.client_gone:
+                        driver.exhausted = True
+                    elif not driver.interrupted:  # it stopped early because its client left
+                        driver.stopped_for_client = True
+            except Exception as exc:
+                if self.driver is None:
+                    raise
+                self.driver.fail(exc, "the app raised after its event stream began")
+                raised = exc
+            finally:
+                if self.driver is not None:
+                    self._done = True
+                    if self._watch_scope is not None:
+                        self._watch_scope.cancel()
+                    with anyio.CancelScope(shield=True):
+                        await self.driver.finish()
+        if raised is not None:
+            raise raised
+
+    # -- receive: one reader, so the app and the watch do not steal each other's messages ----
+    async def app_receive(self) -> Message:
+        if self.driver is None:
+            message = await self.receive()  # (the stream may have begun while this waited)
+            if message["type"] == "http.disconnect":
+                if self.driver is not None:
+                    self.driver.client_left()
+                else:
+                    self.gone_early = True
+            return message
+        if self._pending:
+            return self._pending.popleft()
+        await self._disconnected.wait()
+        return {"type": "http.disconnect"}
+
+    async def _watch(self) -> None:
+        driver = self.driver
+        assert driver is not None
+        with anyio.CancelScope() as scope:
+            self._watch_scope = scope
+            if self._done:
+                return
+            try:
+                await driver.watch()
+            finally:
+                self._disconnected.set()
+
+    # -- send: headers on the start message, the tap on body messages ------------------------
+    async def app_send(self, message: Message) -> None:
+        driver = self.driver
+        if message["type"] == "http.response.start":
+            message = await self._start(message)
+            if self.driver is not None:
+                await self.driver.start(message)
+                return
+        elif driver is not None:
+            body = message.get("body", b"")
+            if body:
+                driver.at_boundary = body.endswith((b"\n\n", b"\r\n\r\n", b"\r\r"))
+            if self.parser is not None:
+                await self._tap(body)
+            if not message.get("more_body", False):
+                driver.ended = True
+            if driver.client_gone:
+                return
+            try:
+                await self.send(message)
+            except OSError:
+                driver.client_left()
+                self._disconnected.set()
+                raise
+            return
+        await self.send(message)
+
+    async def _start(self, message: Message) -> Message:
+        headers = list(message.get("headers", []))
+        content_type = next((v for k, v in headers if k.lower() == b"content-type"), b"")
+        if not content_type.lower().startswith(b"text/event-stream"):
+            return message
+        names = {k.lower() for k, _ in headers}
+        headers = [(k, v) for k, v in headers if k.lower() != b"content-length"]
+        for name, value in SSE_HEADERS.items():
+            if name.encode() not in names:
+                headers.append((name.encode(), value.encode()))
+        if self.scope.get("http_version") == "1.1" and b"connection" not in names:
+            headers.append((b"connection", b"keep-alive"))
+        if not self.state.decorated:
+            session = None
+            if self.recorder is not None:
+                await self.recorder.ensure_open()
+                session = StreamSession(self.recorder, metadata={"recorded_from": "wire"},
+                                        path=self.scope.get("path"), method=self.scope.get("method"))
+                self.parser = SSEParser()
+                headers.append((b"x-stream-id", session.id.encode()))
+                session.begin()
+            driver = self.driver = StreamDriver(session, self.receive, self.send, host=self.host, ping=self.ping,
+                                                on_disconnect=self.on_disconnect)
+            driver.forward = self._pending.append
+            driver.attach(self._app_scope)
+            self.host.track(driver)
+            if self.gone_early:
+                driver.client_left()
+                self._disconnected.set()
+            else:
+                if self.spawn is not None:
+                    self.spawn(self._watch)
+                else:
+                    assert self._tg is not None
+                    self._tg.start_soon(self._watch)
+        return {**message, "headers": headers}
+
+    async def _tap(self, body: bytes) -> None:
+        assert self.parser is not None and self.driver is not None
+        session = self.driver.session
+        assert session is not None
+        for event in self.parser.feed(body):
+            session.stamp()
+            text = event.text or ""
+            if not session.record_nowait(text, event.event):
+                await session.record(text, event.event)
