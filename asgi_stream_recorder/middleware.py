@@ -5,9 +5,9 @@ Mounted once around the app, it
 * opens the recorder at lifespan startup, marks streams orphaned by a dead process as
   ``interrupted``, and at shutdown ends every open stream (``interrupted``, with a final
   event telling the client the server is going away), then drains the recorder;
-* learns of a shutdown as soon as the process gets SIGTERM/SIGINT, by chaining the
-  handler the server installed (and restoring it afterwards), so open streams end at once
-  instead of holding the server until its graceful timeout;
+* learns of a shutdown as soon as the process gets SIGTERM/SIGINT, or, in a hypercorn
+  worker, as soon as hypercorn's parent tells it to stop (see :mod:`.signals`), so open
+  streams end at once instead of holding the server until its graceful timeout;
 * gives every ``text/event-stream`` response the headers that stop caching and proxy
   buffering, and hides ``Accept-Encoding`` from the app for requests that accept
   ``text/event-stream``, so compression middleware cannot buffer the stream;
@@ -19,16 +19,10 @@ Mounted once around the app, it
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import signal
-import threading
 from collections.abc import Awaitable, Callable
-from types import FrameType
-from typing import Any
 
 import anyio
-import sniffio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .app import answer_lifespan
@@ -37,13 +31,13 @@ from .recorders import Recorder, default_recorder
 from .recorders.base import is_orphan
 from .recorders.buffered import RecorderError
 from .response import SCOPE_KEY
+from .signals import listen_for_shutdown
 from .wiretap import WireTap
 
 __all__ = ["StreamRecorderMiddleware"]
 
 log = logging.getLogger("asgi_stream_recorder")
 
-_SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGINT", None)) if s is not None)
 
 
 class RequestState:
@@ -182,7 +176,7 @@ class StreamRecorderMiddleware:
         (the recorder opens lazily and flushes per stream instead of at shutdown)."""
         self._lifespan_seen = True
         if self.handle_signals:
-            self._restore_signals = _listen_for_signals(self, self.begin_shutdown)
+            self._restore_signals = listen_for_shutdown(self, self.begin_shutdown)
         if self.recover:
             await self.recorder.ensure_open()
             await self.recorder.recover(is_orphan)
@@ -196,7 +190,7 @@ class StreamRecorderMiddleware:
             if marked:
                 log.warning("asgi_stream_recorder: marked %d streams of dead processes as interrupted", marked)
         if self.handle_signals:
-            self._restore_signals = _listen_for_signals(self, self.begin_shutdown)
+            self._restore_signals = listen_for_shutdown(self, self.begin_shutdown)
 
     async def _shutdown(self) -> None:
         """End every stream, then drain the recorder: all within ``shutdown_timeout``."""
@@ -269,65 +263,3 @@ def _accepts_event_stream(scope: Scope) -> bool:
         if name == b"accept" and b"text/event-stream" in value:
             return True
     return False
-
-
-# -- signals ----------------------------------------------------------------------------------
-# One handler per process sits in front of the server's SIGTERM/SIGINT handler: it tells every
-# listening middleware (on its own event loop), then calls the server's handler.
-_listeners: dict[int, Callable[[], None]] = {}
-_previous: dict[int, Any] = {}
-
-
-def _on_signal(signum: int, frame: FrameType | None) -> None:
-    for notify in list(_listeners.values()):
-        notify()
-    prior = _previous.get(signum)
-    if callable(prior):
-        prior(signum, frame)
-    elif prior == signal.SIG_DFL:
-        signal.signal(signum, signal.SIG_DFL)
-        signal.raise_signal(signum)
-
-
-def _listen_for_signals(key: object, on_signal: Callable[[], None]) -> Callable[[], None] | None:
-    """Call ``on_signal`` on this event loop at SIGTERM/SIGINT. Returns the undo (which puts the
-    server's handler back once nobody listens), or None where signals cannot be set."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
-    for sig in _SIGNALS:
-        if signal.getsignal(sig) is not _on_signal:  # (re)install in front of whatever is there now
-            _previous[sig] = signal.signal(sig, _on_signal)
-    _listeners[id(key)] = _loop_notifier(on_signal)
-
-    def stop() -> None:
-        _listeners.pop(id(key), None)
-        if not _listeners:
-            for sig, prior in list(_previous.items()):
-                if signal.getsignal(sig) is _on_signal:
-                    signal.signal(sig, prior)
-            _previous.clear()
-
-    return stop
-
-
-def _loop_notifier(fn: Callable[[], None]) -> Callable[[], None]:
-    """A thread- and signal-safe way to run ``fn`` on the current event loop."""
-    if sniffio.current_async_library() == "trio":
-        import trio
-
-        token = trio.lowlevel.current_trio_token()
-
-        def notify_trio() -> None:
-            with contextlib.suppress(trio.RunFinishedError):  # a listener left behind by a finished run
-                token.run_sync_soon(fn)
-
-        return notify_trio
-    import asyncio
-
-    loop = asyncio.get_running_loop()
-
-    def notify_asyncio() -> None:
-        with contextlib.suppress(RuntimeError):  # a listener left behind by a closed loop
-            loop.call_soon_threadsafe(fn)
-
-    return notify_asyncio
