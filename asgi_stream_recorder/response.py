@@ -16,7 +16,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from .driver import OnDisconnect, StreamDriver
-from .formats import WireFormat, going_away_event, resolve_format
+from .formats import SSE_HEADERS, WireFormat, going_away_event, resolve_format
 from .recorders import Recorder, default_recorder
 from .session import StreamSession, new_stream_id
 from .sse import ServerSentEvent
@@ -34,12 +34,6 @@ __all__ = [
 
 #: Where the middleware leaves its state in the ASGI scope for responses to find.
 SCOPE_KEY = "asgi_stream_recorder"
-
-#: Headers every event stream needs so that proxies and browsers neither cache nor buffer it.
-SSE_HEADERS = {
-    "cache-control": "no-cache, no-transform",
-    "x-accel-buffering": "no",
-}
 
 Metadata = Mapping[str, Any] | Callable[[Scope], Mapping[str, Any]] | None
 

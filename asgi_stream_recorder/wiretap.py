@@ -18,17 +18,12 @@ import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .driver import Host, OnDisconnect, StreamDriver, unwrap_group
+from .formats import SSE_HEADERS
 from .recorders import Recorder
 from .session import StreamSession
 from .sse import SSEParser
 
-__all__ = ["SSE_HEADERS", "WireTap"]
-
-#: Headers every event stream needs so that proxies and browsers neither cache nor buffer it.
-SSE_HEADERS = {
-    "cache-control": "no-cache, no-transform",
-    "x-accel-buffering": "no",
-}
+__all__ = ["WireTap"]
 
 Spawn = Callable[[Callable[[], Awaitable[None]]], None]
 

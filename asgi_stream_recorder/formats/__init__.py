@@ -15,7 +15,13 @@ from ..sse import ServerSentEvent, encode, encode_data
 if TYPE_CHECKING:
     from ..session import StreamSession
 
-__all__ = ["WireFormat", "going_away_event", "resolve_format"]
+__all__ = ["SSE_HEADERS", "WireFormat", "going_away_event", "resolve_format"]
+
+#: Headers every event stream needs so that proxies and browsers neither cache nor buffer it.
+SSE_HEADERS = {
+    "cache-control": "no-cache, no-transform",
+    "x-accel-buffering": "no",
+}
 
 
 def going_away_event(stream_id: str, last_seq: int) -> bytes:

@@ -118,6 +118,7 @@ class SQLiteBackend(Backend):
         self._wcon: sqlite3.Connection | None = None
         self._rcon: sqlite3.Connection | None = None
         self._identity: tuple[int, int] | None = None
+        self._connected = False  # between connect() and close(); the connections may be reopened meanwhile
         self._wlock = threading.Lock()
         self._rlock = threading.Lock()
 
@@ -145,11 +146,8 @@ class SQLiteBackend(Backend):
             wcon.close()
             raise
         with self._rlock:
-            old = self._rcon
             self._wcon, self._rcon = wcon, rcon
         self._identity = _identity(self.path)
-        if old is not None:
-            old.close()
 
     async def connect(self) -> None:
         def run() -> None:
@@ -160,10 +158,12 @@ class SQLiteBackend(Backend):
             await anyio.to_thread.run_sync(run)
         except (sqlite3.Error, OSError) as exc:
             raise RecorderError(f"cannot open the SQLite database {self.path}: {exc}") from exc
+        self._connected = True
 
     async def close(self) -> None:
         def run() -> None:
             with self._wlock, self._rlock:
+                self._connected = False
                 cons, self._wcon, self._rcon = (self._wcon, self._rcon), None, None
             for con in cons:
                 if con is not None:
@@ -178,15 +178,26 @@ class SQLiteBackend(Backend):
 
     def _check_file(self) -> None:
         """Reopen if the file was deleted or replaced under us (writes would go to an unlinked file)."""
-        if _identity(self.path) != self._identity:
+        if self._wcon is None:  # an earlier reopen failed: try again (its error was transient)
+            self._open()
+        elif _identity(self.path) != self._identity:
             log.error("SQLite database %s was deleted or replaced while in use: reopening it (records written "
                       "since are in the new file; those before are wherever the old file went)", self.path)
+            # Close the old connections before anything opens the new file: closing the last
+            # connection of a WAL database unlinks "<path>-wal" by name, which must not be the
+            # new file's. (Other processes still using the old file can still do that to it:
+            # SQLite's own advice is never to delete a database that is in use.)
+            with self._rlock:
+                cons, self._wcon, self._rcon = (self._wcon, self._rcon), None, None
+            for con in cons:
+                if con is not None:
+                    con.close()
             self._open()
 
     async def _writing(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         def run() -> T:
             with self._wlock:
-                if self._wcon is None:
+                if not self._connected:
                     raise RuntimeError("SQLiteRecorder is closed")
                 self._check_file()
                 con = self._wcon
