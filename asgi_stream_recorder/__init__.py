@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .app import stream_app
 from .decorator import recorded_stream
+from .join import join_response
 from .middleware import StreamRecorderMiddleware
 from .recorders import (
     Backend,
@@ -22,6 +23,7 @@ from .recorders import (
 from .response import RecordedStreamResponse
 from .session import StreamSession, current_stream
 from .sse import ServerSentEvent, SSEParser, encode
+from .streams import streams_app
 
 __all__ = [
     "Backend",
@@ -43,8 +45,10 @@ __all__ = [
     "current_stream",
     "default_recorder",
     "encode",
+    "join_response",
     "recorded_stream",
     "stream_app",
+    "streams_app",
 ]
 
 __version__ = "0.1.0"

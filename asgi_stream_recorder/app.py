@@ -28,7 +28,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from .decorator import recorded_stream
 from .recorders import Recorder
-from .response import OnDisconnect, RecordedStreamResponse, WireFormat
+from .response import Key, OnDisconnect, RecordedStreamResponse, WireFormat
 
 __all__ = ["StreamApp", "answer_lifespan", "stream_app"]
 
@@ -98,6 +98,9 @@ def stream_app(
     ping: float | None = 15.0,
     headers: Mapping[str, str] | None = None,
     format: str | WireFormat = "sse",
+    resume: bool = False,
+    key: Key = None,
+    done_event: bool = True,
 ) -> StreamApp:
     """An ASGI app that answers every HTTP request with ``source(request)``'s items as a
     recorded event stream.
@@ -118,5 +121,8 @@ def stream_app(
         ping=ping,
         headers=headers,
         format=format,
+        resume=resume,
+        key=key,
+        done_event=done_event,
     )(source)
     return StreamApp(source, endpoint, methods)

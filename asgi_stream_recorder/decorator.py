@@ -16,7 +16,7 @@ from typing import Any, ParamSpec, overload
 from starlette.types import Scope
 
 from .recorders import Recorder
-from .response import OnDisconnect, RecordedStreamResponse, WireFormat, check_options, resolve_format
+from .response import Key, OnDisconnect, RecordedStreamResponse, WireFormat, check_options, resolve_format
 
 __all__ = ["recorded_stream"]
 
@@ -39,6 +39,9 @@ def recorded_stream(
     ping: float | None = 15.0,
     headers: Mapping[str, str] | None = None,
     format: str | WireFormat = "sse",
+    resume: bool = False,
+    key: Key = None,
+    done_event: bool = True,
 ) -> Callable[[Callable[P, AsyncIterator[Any]]], Callable[P, Any]]: ...
 
 
@@ -53,6 +56,9 @@ def recorded_stream(
     ping: float | None = 15.0,
     headers: Mapping[str, str] | None = None,
     format: str | WireFormat = "sse",
+    resume: bool = False,
+    key: Key = None,
+    done_event: bool = True,
 ) -> Any:
     """Stream what the decorated async generator yields as SSE, recording it as it goes.
 
@@ -63,16 +69,25 @@ def recorded_stream(
     ``ping``: seconds of silence before a keep-alive comment (None: never). ``headers``:
     extra response headers. ``format``: ``"sse"`` (plain text events) or ``"openai"``
     (``chat.completion.chunk`` events and ``data: [DONE]``, for OpenAI clients).
+    ``resume``: event ids carry the stream (``<stream_id>:<seq>``), the generation goes on
+    when its client drops, and a request with such a ``Last-Event-ID`` joins the stream
+    (replay, then live) instead of starting a new generation: a browser's ``EventSource``
+    that loses its connection ends with the whole answer, exactly once.
+    ``key``: stored with the stream to find it again (a conversation id): a string, or a
+    function (sync or async) of the Starlette ``Request``.
+    ``done_event``: end a completed stream with ``event: done`` (``{"stream_id", "status"}``).
     """
     check_options(event, on_disconnect, ping)
-    wire = resolve_format(format)
+    wire = resolve_format(format, done_event=done_event)
+    if key is not None and not isinstance(key, str) and not callable(key):
+        raise TypeError(f"key must be a str or a callable of the request, not {type(key).__name__}")
 
     def decorate(source: Callable[P, AsyncIterator[Any]]) -> Callable[P, Any]:
         if not callable(source):
             raise TypeError(f"@recorded_stream needs an async generator function, got {source!r}")
 
         async def endpoint(*args: P.args, **kwargs: P.kwargs) -> RecordedStreamResponse:
-            await _read_request_bodies(args, kwargs.values())
+            request = await _read_request_bodies(args, kwargs.values())
             return RecordedStreamResponse(
                 source(*args, **kwargs),
                 recorder=recorder,
@@ -82,6 +97,9 @@ def recorded_stream(
                 ping=ping,
                 headers=headers,
                 format=wire,
+                resume=resume,
+                key=key,
+                request=request,
             )
 
         for attr in ("__module__", "__name__", "__qualname__", "__doc__"):
@@ -100,16 +118,20 @@ def recorded_stream(
     return decorate if func is None else decorate(func)
 
 
-async def _read_request_bodies(*groups: Any) -> None:
+async def _read_request_bodies(*groups: Any) -> Any:
     """Read and cache the body of any request object handed to the generator (Starlette's and
     Litestar's cache it), before the response's disconnect watch starts reading ``receive``:
-    otherwise a generator awaiting ``request.json()`` races the watch for the body."""
+    otherwise a generator awaiting ``request.json()`` races the watch for the body.
+    Returns the first such request (a ``key`` function gets it), or None."""
+    first = None
     for group in groups:
         for value in group:
             scope = getattr(value, "scope", None)
             body = getattr(value, "body", None)
             if isinstance(scope, dict) and scope.get("type") == "http" and inspect.iscoroutinefunction(body):
                 await body()
+                first = first or value
+    return first
 
 
 def _signature(source: Callable[..., Any]) -> inspect.Signature:

@@ -32,17 +32,22 @@ from starlette.types import Message, Receive, Send
 from .formats import SSE, WireFormat
 from .recorders.base import Chunk, StreamStatus
 from .recorders.buffered import RecorderError
+from .recorders.live import Follow
 from .session import StreamSession, decide_status
 from .sse import PING, ServerSentEvent, encode, encode_data, to_text
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
 
-__all__ = ["Host", "OnDisconnect", "StreamDriver", "unwrap_group"]
+__all__ = ["SCOPE_KEY", "Host", "OnDisconnect", "StreamDriver", "unwrap_group"]
 
 log = logging.getLogger("asgi_stream_recorder")
 
 OnDisconnect = Literal["cancel", "continue"]
+
+#: Where the middleware leaves its state in the ASGI scope (its recorder, its shutdown) for
+#: responses, joins and the streams app to find.
+SCOPE_KEY = "asgi_stream_recorder"
 
 _CLOSE_TIMEOUT = 5.0  # how long a source's cleanup (its finally blocks) may take
 _LAST_WORD_TIMEOUT = 1.0  # how long the final event may take to send
@@ -102,6 +107,7 @@ class StreamDriver:
         self.error: BaseException | None = None
         self.exhausted = False
         self.stopped_for_client = False
+        self.stopped_by_request = False
         self.interrupted = False
         self.client_gone = False
         self.started = False  # the response's start message went out
@@ -113,12 +119,14 @@ class StreamDriver:
         self._last_send = time.perf_counter()
         #: receive messages the watch read that belong to the app (wire recording only)
         self.forward: Callable[[Message], None] | None = None
+        #: bytes sent right after the start (a resumable stream's retry hint)
+        self.preamble = b""
 
     # -- facts --------------------------------------------------------------------------
     def attach(self, scope: anyio.CancelScope) -> None:
         """The cancel scope around the producer, cancelled when the stream must stop."""
         self._scope = scope
-        if self.interrupted or self.stopped_for_client:
+        if self.interrupted or self.stopped_for_client or self.stopped_by_request:
             scope.cancel()
 
     def _stop(self) -> None:
@@ -149,8 +157,14 @@ class StreamDriver:
 
     def interrupt(self) -> None:
         """End the stream now because the server is going away (``interrupted``)."""
-        if not self.stopped_for_client:
+        if not (self.stopped_for_client or self.stopped_by_request):
             self.interrupted = True
+        self._stop()
+
+    def request_stop(self) -> None:
+        """End the stream now because someone asked to (``cancelled``, ``cancelled_by="request"``)."""
+        if not (self.stopped_for_client or self.interrupted):
+            self.stopped_by_request = True
         self._stop()
 
     def fail(self, exc: BaseException, what: str) -> None:
@@ -212,8 +226,12 @@ class StreamDriver:
         assert self.session is not None
         if self.host is not None:
             self.host.track(self)
+        if self.session.live is not None:
+            self.session.live.on_cancel = self.request_stop
         try:
             await self.start(start)
+            if self.preamble:
+                await self.send_body(self.preamble)
             if not self.client_gone or self.continues:
                 with unwrap_group():
                     async with anyio.create_task_group() as tg:
@@ -238,6 +256,7 @@ class StreamDriver:
         wire = self.format
         custom_wire = type(wire) is not WireFormat
         record_nowait = session.record_nowait
+        prefix = session.id_prefix
         while True:
             if self.client_gone and not self.continues:  # seen by the watch (a busy source may not yield to it)
                 return
@@ -273,9 +292,9 @@ class StreamDriver:
                     if custom_wire or extra is not None:
                         body = wire.chunk(session, Chunk(session.id, seq, text, event, 0.0), extra)
                     elif event is None and "\n" not in text and "\r" not in text:  # the common token: inline
-                        body = f"id: {seq}\ndata: {text}\n\n".encode()
+                        body = f"id: {prefix}{seq}\ndata: {text}\n\n".encode()
                     else:
-                        body = encode_data(text, seq, event)
+                        body = encode_data(text, f"{prefix}{seq}", event)
                     try:
                         await send({"type": "http.response.body", "body": body, "more_body": True})
                     except OSError:
@@ -286,9 +305,80 @@ class StreamDriver:
                 self.fail(exc, "an item could not be sent")
                 return
             if not record_nowait(text, event):
-                await session.record(text, event)
+                await session.record_waiting(text, event)
             if not seq & 31:  # a source and a send that never suspend would starve the loop
                 await anyio.lowlevel.checkpoint()
+
+    # -- a followed stream (a join) ----------------------------------------------------------
+    async def relay(self, start: Message, follow: Follow, view: StreamSession) -> None:
+        """Send a followed stream to this client: what is stored, then live, then the stream's
+        own last word (done, error, shutdown). ``view`` is the stream as its format sees it."""
+        if self.host is not None:
+            self.host.track(self)
+        try:
+            await self.start(start)
+            if not self.client_gone:
+                with unwrap_group():
+                    async with anyio.create_task_group() as tg:
+                        self.attach(tg.cancel_scope)
+                        tg.start_soon(self.watch)
+                        await self._relay(follow, view)
+                        tg.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                try:
+                    if self.started and not self.client_gone and not self.ended:
+                        await self._relay_end(follow, view)
+                finally:
+                    if self.host is not None:
+                        self.host.untrack(self)
+
+    async def _relay(self, follow: Follow, view: StreamSession) -> None:
+        wire, send = self.format, self._send
+        try:
+            async for chunk in follow:
+                view.seq = chunk.seq
+                body = wire.chunk(view, chunk, None)
+                if not body:
+                    continue
+                self._last_send = time.perf_counter()
+                try:
+                    await send({"type": "http.response.body", "body": body, "more_body": True})
+                except OSError:
+                    self.client_left()
+                    return
+        except Exception as exc:
+            self.fail(exc, "following it failed")
+            return
+        self.exhausted = True
+
+    async def _relay_end(self, follow: Follow, view: StreamSession) -> None:
+        wire = self.format
+        if self.exhausted and follow.status is not None:
+            view.status = follow.status
+            view.error = follow.error
+            record = follow.record
+            if record is None:  # followed here from memory: its final metadata is queued, write it
+                await view.recorder.settle(view.id)
+                record = await view.recorder.get(view.id)
+            if record is not None:
+                view.metadata = record.metadata
+            if view.status is StreamStatus.FAILED:
+                body = wire.error(view)
+            elif view.status is StreamStatus.INTERRUPTED:
+                body = wire.shutdown(view)
+            else:
+                body = wire.end(view)
+        elif self.interrupted:
+            body = wire.shutdown(view)
+        else:
+            body = wire.error(view) if self.error is not None else b""
+        self.ended = True
+        with anyio.move_on_after(_LAST_WORD_TIMEOUT):
+            try:
+                await self._send({"type": "http.response.body", "body": body, "more_body": False})
+            except OSError:
+                pass
 
     # -- the end ---------------------------------------------------------------------------
     async def finish(self) -> StreamStatus:
@@ -296,11 +386,12 @@ class StreamDriver:
         Call once, shielded."""
         session = self.session
         if session is not None:
-            status = session.end(error=self.error, exhausted=self.exhausted,
-                                 stopped_for_client=self.stopped_for_client)
+            status = session.end(error=self.error, exhausted=self.exhausted, stopped_for_client=self.stopped_for_client,
+                                 stopped_by_request=self.stopped_by_request)
         else:
             status = decide_status(error=self.error, exhausted=self.exhausted,
-                                   stopped_for_client=self.stopped_for_client)
+                                   stopped_for_client=self.stopped_for_client,
+                                   stopped_by_request=self.stopped_by_request)
         self.status = status
         try:
             if self.started and not self.client_gone and not self.ended:
@@ -325,7 +416,7 @@ class StreamDriver:
         try:
             if status is StreamStatus.FAILED:
                 body = wire.error(session) if session is not None else _ERROR_UNRECORDED
-            elif status is StreamStatus.COMPLETED:
+            elif status is StreamStatus.COMPLETED or self.stopped_by_request:
                 if session is None:
                     return  # an undecorated app ended its own body
                 body = wire.end(session)

@@ -8,18 +8,21 @@ through :data:`SCOPE_KEY`.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
+import inspect
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 from starlette.background import BackgroundTask
-from starlette.responses import Response
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
 from starlette.types import Receive, Scope, Send
 
-from .driver import OnDisconnect, StreamDriver
+from .driver import SCOPE_KEY, OnDisconnect, StreamDriver
 from .formats import SSE_HEADERS, WireFormat, going_away_event, resolve_format
+from .join import JoinResponse, parse_event_id
 from .recorders import Recorder, default_recorder
 from .session import StreamSession, new_stream_id
-from .sse import ServerSentEvent
+from .sse import ServerSentEvent, encode
 
 __all__ = [
     "SCOPE_KEY",
@@ -32,10 +35,19 @@ __all__ = [
     "resolve_format",
 ]
 
-#: Where the middleware leaves its state in the ASGI scope for responses to find.
-SCOPE_KEY = "asgi_stream_recorder"
 
 Metadata = Mapping[str, Any] | Callable[[Scope], Mapping[str, Any]] | None
+#: a stream's key: a string, or a function of the request returning one (sync or async)
+Key = str | Callable[[Request], "str | Awaitable[str | None] | None"] | None
+
+_RETRY_HINT = encode(ServerSentEvent(retry=1000))  # a resumable stream's client reconnects after 1 s
+
+
+def _last_event_id(scope: Scope) -> str | None:
+    for name, value in scope.get("headers", ()):
+        if name.lower() == b"last-event-id":
+            return str(value.decode("latin-1"))
+    return None
 
 
 async def _refuse(send: Send) -> None:
@@ -80,9 +92,18 @@ class RecordedStreamResponse(Response):
         stream_id: str | None = None,
         background: BackgroundTask | None = None,
         format: str | WireFormat = "sse",
+        resume: bool = False,
+        key: Key = None,
+        done_event: bool = True,
+        request: Request | None = None,
     ) -> None:
         check_options(event, on_disconnect, ping)
-        self.format = resolve_format(format)
+        self.format = resolve_format(format, done_event=done_event)
+        self.resume = resume
+        if resume:  # a client that drops comes back for the rest: the generation goes on meanwhile
+            on_disconnect = "continue"
+        self.key = key
+        self.request = request
         self.body_iterator = content
         self.recorder = recorder
         self.metadata = metadata
@@ -101,13 +122,20 @@ class RecordedStreamResponse(Response):
             headers = [*headers, (b"connection", b"keep-alive")]
         return {"type": "http.response.start", "status": self.status_code, "headers": headers}
 
+    async def _never_start(self) -> None:
+        aclose = getattr(self._source, "aclose", None)
+        if aclose is not None:
+            await aclose()  # never started: none of its code runs
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope.get("method") == "HEAD":
             await send(self._start_message(scope))
             await send({"type": "http.response.body", "body": b"", "more_body": False})
-            aclose = getattr(self._source, "aclose", None)
-            if aclose is not None:
-                await aclose()  # never started: none of its code runs
+            await self._never_start()
+            return
+        if self.resume and (last := _last_event_id(scope)) is not None:
+            await self._never_start()  # a reconnecting client joins its stream: never a second generation
+            await self._rejoin(last, scope, receive, send)
             return
         state = scope.get(SCOPE_KEY)
         host = None
@@ -122,11 +150,38 @@ class RecordedStreamResponse(Response):
             recorder = state.recorder if state is not None else default_recorder()
         await recorder.ensure_open()
         metadata = self.metadata(scope) if callable(self.metadata) else self.metadata
+        key = await self._key(scope, receive)
         session = StreamSession(recorder, id=self.stream_id, metadata=dict(metadata or {}),
-                                path=scope.get("path"), method=scope.get("method"), text_event=self.event)
+                                path=scope.get("path"), method=scope.get("method"), text_event=self.event,
+                                key=key, format=self.format.name, resumable=self.resume)
         session.begin()
         driver = StreamDriver(session, receive, send, host=host, format=self.format, ping=self.ping,
                               on_disconnect=self.on_disconnect)
+        if self.resume:
+            driver.preamble = _RETRY_HINT
         await driver.stream(self._start_message(scope), self._source, self.event)
         if self.background is not None:
             await self.background()
+
+    async def _key(self, scope: Scope, receive: Receive) -> str | None:
+        key = self.key
+        if key is None or isinstance(key, str):
+            return key
+        value = key(self.request if self.request is not None else Request(scope, receive))
+        if inspect.isawaitable(value):
+            value = await value
+        if value is not None and not isinstance(value, str):
+            raise TypeError(f"a stream's key must be a str or None, not {type(value).__name__}")
+        return value
+
+    async def _rejoin(self, last: str, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            stream_id, seq = parse_event_id(last)
+            if stream_id is None:
+                raise ValueError("a resumable stream's event id names its stream")
+        except ValueError as exc:
+            await PlainTextResponse(f"bad Last-Event-ID: {exc}", 400)(scope, receive, send)
+            return
+        state = scope.get(SCOPE_KEY)
+        recorder = self.recorder or (state.recorder if state is not None else default_recorder())
+        await JoinResponse(recorder, stream_id, after=seq, ping=self.ping)(scope, receive, send)

@@ -14,6 +14,7 @@ from contextvars import ContextVar
 from typing import Any
 
 from .recorders.base import StreamEnd, StreamStart, StreamStatus, process_owner
+from .recorders.live import LiveStream
 from .recorders.recorder import Recorder
 
 __all__ = ["StreamSession", "current_stream", "decide_status", "new_stream_id"]
@@ -35,19 +36,21 @@ def current_stream() -> StreamSession:
     return session
 
 
-def decide_status(*, error: BaseException | str | None, exhausted: bool, stopped_for_client: bool) -> StreamStatus:
+def decide_status(*, error: BaseException | str | None, exhausted: bool, stopped_for_client: bool = False,
+                  stopped_by_request: bool = False) -> StreamStatus:
     """The one rule that turns how a stream stopped into its status, facts in this order:
 
     1. an error anywhere in its pipeline (the source, an item that cannot be sent, the wire): FAILED;
     2. the source ran to its end: COMPLETED (a hang-up or shutdown after the last item changes nothing);
-    3. it was stopped because its client left: CANCELLED (whatever happened during the clean-up);
+    3. it was stopped because its client left, or because someone asked (a cancel request):
+       CANCELLED (whatever happened during the clean-up);
     4. anything else stopped it (shutdown, cancellation from outside, a crash): INTERRUPTED.
     """
     if error is not None:
         return StreamStatus.FAILED
     if exhausted:
         return StreamStatus.COMPLETED
-    if stopped_for_client:
+    if stopped_for_client or stopped_by_request:
         return StreamStatus.CANCELLED
     return StreamStatus.INTERRUPTED
 
@@ -62,8 +65,8 @@ class StreamSession:
 
     __slots__ = (
         "id", "metadata", "recorder", "status", "error", "seq", "count", "char_count", "dropped",
-        "ttft_ms", "client_left_ms", "text_event", "created_at", "completed_at",
-        "_t0", "_at_ms", "_path", "_method", "_token", "_put", "_text", "_last_at",
+        "ttft_ms", "client_left_ms", "text_event", "created_at", "completed_at", "key", "format", "id_prefix",
+        "live", "_t0", "_at_ms", "_path", "_method", "_token", "_put", "_text", "_last_at", "_waits",
     )
 
     def __init__(
@@ -75,10 +78,19 @@ class StreamSession:
         path: str | None = None,
         method: str | None = None,
         text_event: str | None = None,
+        key: str | None = None,
+        format: str | None = None,
+        resumable: bool = False,
     ) -> None:
         self.id = id or new_stream_id()
         self.recorder = recorder
         self._put = recorder.put_chunk
+        self._waits = recorder.waits_for_room
+        self.key = key
+        self.format = format
+        #: what goes before the seq in an event's ``id``: ``"<stream_id>:"`` for resumable streams
+        self.id_prefix = f"{self.id}:" if resumable else ""
+        self.live: LiveStream | None = None
         self._text: list[str] = []  # the recorded text, so the end needs no read-back
         self.metadata: dict[str, Any] = dict(metadata or {})
         self.text_event = text_event
@@ -109,7 +121,8 @@ class StreamSession:
 
     # -- lifecycle ---------------------------------------------------------------------
     def begin(self) -> None:
-        """Queue the stream's start and make it :func:`current_stream` in this context."""
+        """Queue the stream's start, make it followable in this process, and make it
+        :func:`current_stream` in this context."""
         self.recorder.start(
             StreamStart(
                 id=self.id,
@@ -119,9 +132,17 @@ class StreamSession:
                 metadata=dict(self.metadata),
                 text_event=self.text_event,
                 owner=process_owner(),
+                key=self.key,
+                format=self.format,
             )
         )
+        self.live = self.recorder.live.open(self.id, self.key, self)
+        self.recorder.stream_started()
         self._token = _current.set(self)
+
+    def event_id(self, seq: int) -> str:
+        """The SSE ``id`` of chunk ``seq``: the seq, or ``<stream_id>:<seq>`` when resumable."""
+        return f"{self.id_prefix}{seq}"
 
     def stamp(self) -> int:
         """Number and time the next chunk; returns its ``seq`` (the SSE id). Record it once sent."""
@@ -133,28 +154,39 @@ class StreamSession:
         return seq
 
     def record_nowait(self, data: str, event: str | None) -> bool:
-        """Queue the chunk last stamped if the recorder has room (the usual case); False: ``await record``."""
+        """Hand the chunk last stamped to its followers and the recorder's queue. False only
+        when the queue is full and the recorder's policy is to wait: then ``await record_waiting``.
+        (A full queue otherwise drops the chunk and counts it in ``metadata["dropped_chunks"]``.)"""
+        live = self.live
+        if live is not None and live.followers:
+            live.publish(self.seq, data, event, self._at_ms)
         if self._put(self.id, self.seq, data, event, self._at_ms):
             self.count += 1
             self.char_count += len(data)
             if event == self.text_event:
                 self._text.append(data)
             return True
-        return False
+        if self._waits:
+            return False
+        self._drop()
+        return True
 
-    async def record(self, data: str, event: str | None) -> None:
-        """Queue the chunk last stamped; when the queue is full, wait if the recorder's policy
-        says so, else drop it and count it in the record's ``metadata["dropped_chunks"]``."""
-        if self.record_nowait(data, event):
-            return
-        if self.recorder.waits_for_room and await self.recorder.put_chunk_waiting(
-            self.id, self.seq, data, event, self._at_ms
-        ):
+    async def record_waiting(self, data: str, event: str | None) -> None:
+        """After :meth:`record_nowait` said False: wait for room (up to the policy's ``max_wait``)."""
+        if await self.recorder.put_chunk_waiting(self.id, self.seq, data, event, self._at_ms):
             self.count += 1
             self.char_count += len(data)
             if event == self.text_event:
                 self._text.append(data)
-            return
+        else:
+            self._drop()
+
+    async def record(self, data: str, event: str | None) -> None:
+        """Both steps: record the chunk last stamped, waiting for room if the policy says so."""
+        if not self.record_nowait(data, event):
+            await self.record_waiting(data, event)
+
+    def _drop(self) -> None:
         if not self.dropped:
             log.warning("stream %s: the recorder's queue is full (storage down or too slow): dropping chunks "
                         "from seq %d on, counted in metadata['dropped_chunks']", self.id, self.seq)
@@ -167,11 +199,12 @@ class StreamSession:
             self.client_left_ms = self.elapsed_ms()
 
     def end(self, *, error: BaseException | str | None = None, exhausted: bool = False,
-            stopped_for_client: bool = False) -> StreamStatus:
+            stopped_for_client: bool = False, stopped_by_request: bool = False) -> StreamStatus:
         """Decide the final status (:func:`decide_status`) and queue the end. Only the first call counts."""
         if self.status is not StreamStatus.STREAMING:
             return self.status
-        self.status = decide_status(error=error, exhausted=exhausted, stopped_for_client=stopped_for_client)
+        self.status = decide_status(error=error, exhausted=exhausted, stopped_for_client=stopped_for_client,
+                                    stopped_by_request=stopped_by_request)
         if error is not None:
             self.error = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
         duration = self.elapsed_ms()
@@ -187,10 +220,13 @@ class StreamSession:
             metadata["dropped_chunks"] = self.dropped
         if self.client_left_ms is not None:
             metadata["client_disconnected_at_ms"] = round(self.client_left_ms, 3)
+        if stopped_by_request and self.status is StreamStatus.CANCELLED:
+            metadata["cancelled_by"] = "request"
         self.recorder.finish(
             StreamEnd(self.id, self.status, self.completed_at, self.error, metadata,
                       content="".join(self._text), chunk_count=self.count)
         )
+        self.recorder.live.close(self.id, self.status, self.error)
         if self._token is not None:
             try:
                 _current.reset(self._token)

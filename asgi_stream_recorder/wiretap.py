@@ -192,4 +192,4 @@ class WireTap:
             session.stamp()
             text = event.text or ""
             if not session.record_nowait(text, event.event):
-                await session.record(text, event.event)
+                await session.record_waiting(text, event.event)

@@ -36,18 +36,31 @@ def going_away_event(stream_id: str, last_seq: int) -> bytes:
 
 
 class WireFormat:
-    """Plain SSE. Subclasses change the bytes the client sees, never what is recorded."""
+    """Plain SSE. Subclasses change the bytes the client sees, never what is recorded.
+
+    ``done_event``: end a completed (or cancelled-on-request) stream with ``event: done``
+    whose data is ``{"stream_id": ..., "status": ...}`` and no ``id`` (so ``Last-Event-ID``
+    stays on the last chunk), telling a finished answer from a dropped connection.
+    """
+
+    #: the name the stream's record keeps, so a join speaks the same format
+    name = "sse"
+
+    def __init__(self, *, done_event: bool = True) -> None:
+        self.done_event = done_event
 
     def chunk(self, session: StreamSession, chunk: Chunk, extra: ServerSentEvent | None) -> bytes:
         """Bytes for one data chunk; ``extra`` carries a yielded event's ``retry``/``comment``."""
         if extra is None:
-            return encode_data(chunk.data, str(chunk.seq), chunk.event)
-        return encode(ServerSentEvent(chunk.data, event=chunk.event, id=str(chunk.seq), retry=extra.retry,
-                                      comment=extra.comment))
+            return encode_data(chunk.data, session.event_id(chunk.seq), chunk.event)
+        return encode(ServerSentEvent(chunk.data, event=chunk.event, id=session.event_id(chunk.seq),
+                                      retry=extra.retry, comment=extra.comment))
 
     def end(self, session: StreamSession) -> bytes:
-        """Bytes after the last chunk of a stream that completed."""
-        return b""
+        """Bytes after the last chunk of a stream that completed (or was cancelled on request)."""
+        if not self.done_event:
+            return b""
+        return encode(ServerSentEvent({"stream_id": session.id, "status": str(session.status)}, event="done"))
 
     def error(self, session: StreamSession) -> bytes:
         """What the client is told when the stream fails: no error text (it may hold secrets)."""
@@ -59,14 +72,15 @@ class WireFormat:
 
 
 SSE = WireFormat()
+_SSE_NO_DONE = WireFormat(done_event=False)
 
 
-def resolve_format(format: str | WireFormat) -> WireFormat:
+def resolve_format(format: str | WireFormat, *, done_event: bool = True) -> WireFormat:
     """A format given by name (``"sse"``, ``"openai"``) or as an object."""
     if isinstance(format, WireFormat):
         return format
     if format == "sse":
-        return SSE
+        return SSE if done_event else _SSE_NO_DONE
     if format == "openai":
         from ..integrations.openai import OpenAIFormat
 

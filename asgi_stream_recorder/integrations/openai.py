@@ -257,6 +257,8 @@ class OpenAIFormat(WireFormat):
     fixed, never the exception's text.
     """
 
+    name = "openai"
+
     def __init__(self, *, separate_usage_chunk: bool = True, error_message: str = "stream failed") -> None:
         self.separate_usage_chunk = separate_usage_chunk
         self.error_message = error_message
@@ -283,7 +285,7 @@ class OpenAIFormat(WireFormat):
         if usage is not None:
             chunk["usage"] = usage
         text = json.dumps(chunk, ensure_ascii=False, separators=(",", ":"))
-        return encode_data(text, None if seq is None else str(seq))
+        return encode_data(text, None if seq is None else session.event_id(seq))
 
     def chunk(self, session: StreamSession, chunk: Chunk, extra: ServerSentEvent | None) -> bytes:
         event = chunk.event

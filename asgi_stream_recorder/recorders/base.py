@@ -15,10 +15,12 @@ import enum
 import os
 import socket
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, NamedTuple
+
+import anyio
 
 __all__ = [
     "Backend",
@@ -71,6 +73,10 @@ class StreamStart:
     text_event: str | None = None
     #: which process runs the stream: crash recovery only touches its own host's dead ones
     owner: str = ""
+    #: the user's key (a conversation id, ...), to find a stream again
+    key: str | None = None
+    #: the wire format it was produced in (a join speaks it too)
+    format: str | None = None
 
 
 @dataclass(slots=True)
@@ -185,6 +191,14 @@ class StreamRecord:
     metadata: dict[str, Any]
     path: str | None = None
     method: str | None = None
+    key: str | None = None
+    format: str | None = None
+    #: the event name of the chunks that make up ``content`` (None: the default ``message``)
+    text_event: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.status is not StreamStatus.STREAMING
 
 
 def to_datetime(epoch: float | None) -> datetime | None:
@@ -285,8 +299,28 @@ class Backend(abc.ABC):
         """The stream's chunks with ``seq > after``, in order."""
 
     @abc.abstractmethod
-    async def list_streams(self, status: StreamStatus | str | None = None, limit: int = 100) -> list[StreamRecord]:
-        """Streams, newest first, optionally only those with ``status``."""
+    async def list_streams(
+        self, status: StreamStatus | str | None = None, limit: int = 100, key: str | None = None
+    ) -> list[StreamRecord]:
+        """Streams, newest first, optionally only those with ``status`` and ``key``."""
+
+    async def request_cancel(self, stream_id: str) -> bool:
+        """Ask the process running a stream to stop it; True if the stream is still streaming.
+        (This default cannot reach other processes: it says False.)"""
+        return False
+
+    async def cancel_requests(self, stream_ids: Collection[str]) -> list[str]:
+        """Which of these (running here) streams someone asked to cancel; the requests are consumed."""
+        return []
+
+    async def wait_for_change(self, timeout: float) -> None:
+        """Return when records may have changed (written by any process), or after ``timeout``.
+
+        Followers of streams produced elsewhere, and the owners of streams someone may ask
+        to cancel, wait here. This default just sleeps (polling); a backend with a way to
+        be told (SQLite's ``data_version``, PostgreSQL's ``LISTEN``) returns sooner.
+        Missing a change costs latency, never a chunk: waiters re-read by seq."""
+        await anyio.sleep(timeout)
 
     @abc.abstractmethod
     async def recover(self, is_orphan: Callable[[str], bool]) -> int:

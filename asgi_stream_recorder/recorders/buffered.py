@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import sniffio
 
-from .base import Batch, Segment, StreamEnd, StreamStart
+from .base import Batch, Chunk, Segment, StreamEnd, StreamStart
 from .storable import UNSTORABLE_KEY, storable_text
 
 if TYPE_CHECKING:
@@ -122,6 +122,7 @@ class BufferedWriter:
         self._segments: dict[str, Segment] = {}
         self._ends: list[StreamEnd] = []
         self._batch_chunks = 0
+        self._inflight: Batch | None = None  # the batch being written
         # chunks queued and not yet settled (written or given up on), and their text's size
         self._chunks = 0
         self._chars = 0
@@ -273,6 +274,23 @@ class BufferedWriter:
         if self.lost > lost_before:
             raise RecorderError(f"{self.lost - lost_before} records could not be written: {self.last_error!r}")
 
+    def queued_chunks(self, stream_id: str) -> list[Chunk]:
+        """A stream's chunks queued or being written (not yet known to be stored)."""
+        out: list[Chunk] = []
+        for segments in ([s for s in self._inflight.segments if s.stream_id == stream_id]
+                         if self._inflight is not None else [], [self._segments.get(stream_id)]):
+            for segment in segments:
+                if segment is not None:
+                    out.extend(segment.chunks())
+        return out
+
+    def has_queued(self, stream_id: str) -> bool:
+        """Whether any record of the stream waits to be written."""
+        batches = [Batch(self._starts, list(self._segments.values()), self._ends)]
+        if self._inflight is not None:
+            batches.append(self._inflight)
+        return any(stream_id in b.stream_ids() for b in batches)
+
     # -- the writer task ----------------------------------------------------------------
     def _cut(self) -> tuple[Batch, int, int]:
         batch = Batch(self._starts, list(self._segments.values()), self._ends)
@@ -298,7 +316,11 @@ class BufferedWriter:
                     self._arrived = anyio.Event()
                     batch, chunks, chars = self._cut()
                     n = len(batch)
-                    await self._store(batch)
+                    self._inflight = batch
+                    try:
+                        await self._store(batch)
+                    finally:
+                        self._inflight = None
                     if self._abandoned:
                         return
                     self._written += n

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
+
+import anyio
 
 from .base import Backend, Batch, Chunk, StreamRecord, StreamStatus, recovered_end, to_datetime
 from .recorder import Recorder
@@ -24,6 +26,8 @@ class _Row:
     text_event: str | None
     owner: str
     metadata: dict[str, Any]
+    key: str | None = None
+    format: str | None = None
     completed_at: float | None = None
     error: str | None = None
     chunks: dict[int, Chunk] = field(default_factory=dict)
@@ -40,6 +44,8 @@ class MemoryBackend(Backend):
 
     def __init__(self) -> None:
         self.rows: dict[str, _Row] = {}
+        self.cancels: set[str] = set()
+        self._changed: anyio.Event | None = None  # made on first wait (an event needs a running loop)
 
     def __repr__(self) -> str:
         return f"<{len(self.rows)} streams in memory>"
@@ -54,7 +60,8 @@ class MemoryBackend(Backend):
                 raise KeyError(f"stream {sid} has records but was never started")
         ends = [(e, _stored(e.metadata)) for e in batch.ends]
         for s, meta in starts:
-            rows[s.id] = _Row(s.id, StreamStatus.STREAMING, s.created_at, s.path, s.method, s.text_event, s.owner, meta)
+            rows[s.id] = _Row(s.id, StreamStatus.STREAMING, s.created_at, s.path, s.method, s.text_event, s.owner, meta,
+                              s.key, s.format)
         for seg in batch.segments:
             stored = rows[seg.stream_id].chunks
             for chunk in seg.chunks():
@@ -62,6 +69,32 @@ class MemoryBackend(Backend):
         for e, meta in ends:
             row = rows[e.id]
             row.status, row.completed_at, row.error, row.metadata = e.status, e.completed_at, e.error, meta
+            self.cancels.discard(e.id)
+        self._notify()
+
+    def _notify(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
+
+    async def wait_for_change(self, timeout: float) -> None:
+        if self._changed is None:
+            self._changed = anyio.Event()
+        with anyio.move_on_after(timeout):
+            await self._changed.wait()
+
+    async def request_cancel(self, stream_id: str) -> bool:
+        row = self.rows.get(stream_id)
+        if row is None or row.status is not StreamStatus.STREAMING:
+            return False
+        self.cancels.add(stream_id)
+        self._notify()
+        return True
+
+    async def cancel_requests(self, stream_ids: Collection[str]) -> list[str]:
+        found = [sid for sid in stream_ids if sid in self.cancels]
+        self.cancels.difference_update(found)
+        return found
 
     async def recover(self, is_orphan: Callable[[str], bool]) -> int:
         orphans = [r for r in self.rows.values() if r.status is StreamStatus.STREAMING and is_orphan(r.owner)]
@@ -90,6 +123,9 @@ class MemoryBackend(Backend):
             metadata=copy.deepcopy(row.metadata),
             path=row.path,
             method=row.method,
+            key=row.key,
+            format=row.format,
+            text_event=row.text_event,
         )
 
     async def get(self, stream_id: str) -> StreamRecord | None:
@@ -102,9 +138,12 @@ class MemoryBackend(Backend):
             return []
         return [row.chunks[k] for k in sorted(row.chunks) if k > after]
 
-    async def list_streams(self, status: StreamStatus | str | None = None, limit: int = 100) -> list[StreamRecord]:
+    async def list_streams(
+        self, status: StreamStatus | str | None = None, limit: int = 100, key: str | None = None
+    ) -> list[StreamRecord]:
         wanted = None if status is None else StreamStatus(status)
-        rows = [r for r in self.rows.values() if wanted is None or r.status is wanted]
+        rows = [r for r in self.rows.values()
+                if (wanted is None or r.status is wanted) and (key is None or r.key == key)]
         rows.sort(key=lambda r: r.created_at, reverse=True)
         return [self._record(r) for r in rows[:limit]]
 

@@ -13,8 +13,11 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
-from .base import Backend, Chunk, StreamEnd, StreamRecord, StreamStart, StreamStatus
-from .buffered import BufferedWriter, Policy
+import anyio
+
+from .base import Backend, Chunk, StreamEnd, StreamRecord, StreamStart, StreamStatus, is_orphan
+from .buffered import BufferedWriter, Policy, RecorderError, _loop_token, _spawn
+from .live import FOLLOWER_BUFFER, Follow, LiveHub
 from .storable import UNSTORABLE_KEY, storable_metadata, storable_text
 
 __all__ = ["Recorder"]
@@ -55,6 +58,11 @@ class Recorder:
         )
         #: Queue a chunk ``(stream_id, seq, data, event, at_ms)`` if there is room; False: dropped.
         self.put_chunk: Callable[[str, int, str, str | None, float], bool] = self._writer.put_chunk
+        #: the streams running in this process, for followers and cancels
+        self.live = LiveHub()
+        self._changed: anyio.Event | None = None  # set by the watcher when records may have changed
+        self._waiters = 0  # tasks waiting for a change
+        self._watcher_loop: object = None
         self._opened = False
         #: True when opened by the user or the middleware, who will close it; a lazily
         #: opened recorder is flushed at the end of each stream instead.
@@ -152,9 +160,86 @@ class Recorder:
         """The stream's stored chunks with ``seq > after``, in order."""
         return await self.backend.chunks(stream_id, after)
 
-    async def list_streams(self, status: StreamStatus | str | None = None, limit: int = 100) -> list[StreamRecord]:
-        """Streams, newest first, optionally only those with ``status``."""
-        return await self.backend.list_streams(status, limit)
+    async def list_streams(
+        self, status: StreamStatus | str | None = None, limit: int = 100, *, key: str | None = None
+    ) -> list[StreamRecord]:
+        """Streams, newest first, optionally only those with ``status`` and ``key``."""
+        return await self.backend.list_streams(status, limit, key)
+
+    # -- following and stopping, from this process or another ------------------------------
+    def follow(self, stream_id: str, after: int = 0, *, buffer: int = FOLLOWER_BUFFER) -> Follow:
+        """The stream's chunks after seq ``after``: replayed from the record, then live until it
+        ends (``async for chunk in recorder.follow(sid)``); then ``.status`` says how it ended.
+        Works wherever the stream runs: from memory when here, else through the backend."""
+        return Follow(self, stream_id, after, buffer=buffer)
+
+    async def cancel(self, stream_id: str) -> bool:
+        """Stop a stream wherever it runs (recorded ``cancelled``, ``metadata["cancelled_by"] =
+        "request"``). True if it was running. Here it stops at once; in another process as
+        soon as that process's recorder looks for requests (within about a quarter second)."""
+        if self.live.cancel(stream_id):
+            return True
+        await self.ensure_open()
+        return await self.backend.request_cancel(stream_id)
+
+    def queued_chunks(self, stream_id: str) -> list[Chunk]:
+        """The stream's chunks this recorder has queued but not yet stored."""
+        return self._writer.queued_chunks(stream_id)
+
+    async def settle(self, stream_id: str, timeout: float = 2.0) -> None:
+        """Write what this recorder still holds of a stream, so that reading the backend sees it
+        (bounded: during an outage the reader sees what is stored)."""
+        if self._writer.alive and self._writer.has_queued(stream_id):
+            try:
+                await self._writer.flush(timeout)
+            except RecorderError:
+                pass
+
+    async def wait_for_change(self, timeout: float) -> None:
+        """Return when records may have changed (here or in another process), or after ``timeout``."""
+        self._watch()
+        if self._changed is None:
+            self._changed = anyio.Event()
+        changed = self._changed
+        self._waiters += 1
+        try:
+            with anyio.move_on_after(timeout):
+                await changed.wait()
+        finally:
+            self._waiters -= 1
+
+    def stream_started(self) -> None:
+        """A stream of this process began: make sure cancel requests from elsewhere are looked for."""
+        self._watch()
+
+    def _watch(self) -> None:
+        if self._watcher_loop is not _loop_token():
+            self._watcher_loop = _loop_token()
+            _spawn(self._watcher)
+
+    async def _watcher(self) -> None:
+        """One task per recorder, while this process runs streams or someone waits for changes:
+        it asks the backend for changes, wakes the waiters, passes cancel requests on to the
+        streams running here, and (for waiters) ends streams of dead processes."""
+        last_recovery = 0.0
+        try:
+            while self._waiters or self.live.streams:
+                try:
+                    await self.backend.wait_for_change(0.25)
+                    changed, self._changed = self._changed, None
+                    if changed is not None:
+                        changed.set()
+                    if self.live.streams:
+                        for stream_id in await self.backend.cancel_requests(list(self.live.streams)):
+                            self.live.cancel(stream_id)
+                    if self._waiters and anyio.current_time() - last_recovery > 2.0:
+                        last_recovery = anyio.current_time()
+                        await self.backend.recover(is_orphan)
+                except Exception as exc:  # the backend is down: try again later
+                    log.debug("recorder watcher: %r", exc)
+                    await anyio.sleep(0.5)
+        finally:
+            self._watcher_loop = None
 
     async def recover(self, is_orphan: Callable[[str], bool]) -> int:
         """End streams left ``streaming`` by dead processes as ``interrupted`` (chunks kept)."""

@@ -16,7 +16,8 @@ import os
 import sqlite3
 import sys
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -32,9 +33,9 @@ log = logging.getLogger("asgi_stream_recorder")
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
-_SCHEMA = """
+_SCHEMA_1 = """
 CREATE TABLE IF NOT EXISTS streams (
     id           TEXT PRIMARY KEY,
     status       TEXT NOT NULL,
@@ -71,10 +72,24 @@ CREATE VIEW IF NOT EXISTS chunks AS
     FROM segments AS s, json_each(s.data) AS d;
 """
 
+# Version 2: stream keys and wire formats (resume, follow), and cancel requests between processes.
+_SCHEMA_2 = """
+ALTER TABLE streams ADD COLUMN key TEXT;
+ALTER TABLE streams ADD COLUMN format TEXT;
+CREATE INDEX IF NOT EXISTS streams_key ON streams (key, created_at DESC) WHERE key IS NOT NULL;
+CREATE TABLE IF NOT EXISTS cancels (
+    stream_id    TEXT PRIMARY KEY,
+    requested_at REAL NOT NULL
+) WITHOUT ROWID;
+"""
+
+#: What takes a database from version ``n - 1`` to ``n`` (applied in order, in one transaction).
+_MIGRATIONS = {1: _SCHEMA_1, 2: _SCHEMA_2}
+
 # The statements, shared by every path that writes or reads.
 _INSERT_STREAM = (
-    "INSERT OR IGNORE INTO streams (id, status, created_at, metadata, path, method, text_event, owner)"
-    " VALUES (?, 'streaming', ?, ?, ?, ?, ?, ?)"
+    "INSERT OR IGNORE INTO streams (id, status, created_at, metadata, path, method, text_event, owner, key, format)"
+    " VALUES (?, 'streaming', ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _INSERT_SEGMENT = (
     "INSERT OR IGNORE INTO segments (stream_id, first_seq, last_seq, data, events, at_ms) VALUES (?, ?, ?, ?, ?, ?)"
@@ -86,7 +101,9 @@ _END_STREAM = (
     "UPDATE streams SET status = ?, completed_at = ?, error = ?, metadata = ?, chunk_count = ?, content = ?"
     " WHERE id = ?"
 )
-_COLUMNS = "id, status, created_at, completed_at, error, metadata, path, method, text_event, chunk_count, content"
+_COLUMNS = (
+    "id, status, created_at, completed_at, error, metadata, path, method, text_event, chunk_count, content, key, format"
+)
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
@@ -119,6 +136,9 @@ class SQLiteBackend(Backend):
         self._rcon: sqlite3.Connection | None = None
         self._identity: tuple[int, int] | None = None
         self._connected = False  # between connect() and close(); the connections may be reopened meanwhile
+        #: seconds between two looks at the file for changes made by other processes
+        self.poll_interval = 0.05
+        self._data_version = -1
         self._wlock = threading.Lock()
         self._rlock = threading.Lock()
 
@@ -139,7 +159,20 @@ class SQLiteBackend(Backend):
                     f"schema version {version} is newer than this library's {SCHEMA_VERSION}: upgrade the library"
                 )
             if version < SCHEMA_VERSION:
-                wcon.executescript(f"BEGIN IMMEDIATE; {_SCHEMA}; PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
+                # Look again inside the write lock: another process may have migrated meanwhile.
+                wcon.execute("BEGIN IMMEDIATE")
+                try:
+                    version = wcon.execute("PRAGMA user_version").fetchone()[0]
+                    for v in range(version + 1, SCHEMA_VERSION + 1):
+                        for statement in _MIGRATIONS[v].split(";"):  # (executescript would commit first)
+                            if statement.strip():
+                                wcon.execute(statement)
+                    wcon.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                    wcon.execute("COMMIT")
+                except BaseException:
+                    if wcon.in_transaction:
+                        wcon.execute("ROLLBACK")
+                    raise
             rcon = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None,
                                    timeout=self.busy_timeout)
         except BaseException:
@@ -257,18 +290,69 @@ class SQLiteBackend(Backend):
 
         return await self._reading(run)
 
-    async def list_streams(self, status: StreamStatus | str | None = None, limit: int = 100) -> list[StreamRecord]:
+    async def list_streams(
+        self, status: StreamStatus | str | None = None, limit: int = 100, key: str | None = None
+    ) -> list[StreamRecord]:
+        where, params = [], []
+        if status is not None:
+            where.append("status = ?")
+            params.append(str(StreamStatus(status)))
+        if key is not None:
+            where.append("key = ?")
+            params.append(key)
+        sql = f"SELECT {_COLUMNS} FROM streams {'WHERE ' + ' AND '.join(where) if where else ''}"
+
         def run(con: sqlite3.Connection) -> list[StreamRecord]:
-            if status is None:
-                rows = con.execute(f"SELECT {_COLUMNS} FROM streams ORDER BY created_at DESC LIMIT ?", (limit,))
-            else:
-                rows = con.execute(
-                    f"SELECT {_COLUMNS} FROM streams WHERE status = ? ORDER BY created_at DESC LIMIT ?",
-                    (str(StreamStatus(status)), limit),
-                )
+            rows = con.execute(f"{sql} ORDER BY created_at DESC LIMIT ?", (*params, limit))
             return [_record(con, row) for row in rows.fetchall()]
 
         return await self._reading(run)
+
+    # -- between processes: cancel requests and change notification -------------------
+    async def request_cancel(self, stream_id: str) -> bool:
+        def run(con: sqlite3.Connection) -> bool:
+            row = con.execute("SELECT status FROM streams WHERE id = ?", (stream_id,)).fetchone()
+            if row is None or row[0] != "streaming":
+                return False
+            con.execute("INSERT OR REPLACE INTO cancels (stream_id, requested_at) VALUES (?, ?)",
+                        (stream_id, time.time()))
+            return True
+
+        return await self._writing(run)
+
+    async def cancel_requests(self, stream_ids: Collection[str]) -> list[str]:
+        wanted = set(stream_ids)
+
+        def asked(con: sqlite3.Connection) -> list[str]:
+            return [r[0] for r in con.execute("SELECT stream_id FROM cancels").fetchall() if r[0] in wanted]
+
+        if not wanted or not await self._reading(asked):  # the usual answer, without a write lock
+            return []
+
+        def consume(con: sqlite3.Connection) -> list[str]:
+            found = asked(con)
+            con.executemany("DELETE FROM cancels WHERE stream_id = ?", [(sid,) for sid in found])
+            return found
+
+        return await self._writing(consume)
+
+    async def wait_for_change(self, timeout: float) -> None:
+        """Poll ``PRAGMA data_version`` (it changes when any connection commits) every
+        ``poll_interval`` seconds, until it changes or ``timeout`` passes."""
+
+        def version(con: sqlite3.Connection) -> int:
+            return int(con.execute("PRAGMA data_version").fetchone()[0])
+
+        deadline = anyio.current_time() + timeout
+        while True:
+            seen = await self._reading(version)
+            if seen != self._data_version:
+                self._data_version = seen
+                return
+            left = deadline - anyio.current_time()
+            if left <= 0:
+                return
+            await anyio.sleep(min(self.poll_interval, left))
 
 
 class SQLiteRecorder(Recorder):
@@ -301,7 +385,7 @@ def _write_batch(con: sqlite3.Connection, batch: Batch) -> None:
         con.executemany(
             _INSERT_STREAM,
             [
-                (s.id, s.created_at, _dumps(s.metadata), s.path, s.method, s.text_event, s.owner)
+                (s.id, s.created_at, _dumps(s.metadata), s.path, s.method, s.text_event, s.owner, s.key, s.format)
                 for s in batch.starts
             ],
         )
@@ -323,6 +407,7 @@ def _freeze(con: sqlite3.Connection, end: StreamEnd) -> None:
               end.id)
     if con.execute(_END_STREAM, params).rowcount != 1:
         raise sqlite3.IntegrityError(f"stream {end.id} ended but was never started")
+    con.execute("DELETE FROM cancels WHERE stream_id = ?", (end.id,))
 
 
 def _segment_rows(segments: list[Segment]) -> list[tuple[Any, ...]]:
@@ -358,7 +443,7 @@ def _text_and_count(con: sqlite3.Connection, stream_id: str, text_event: str | N
 
 
 def _record(con: sqlite3.Connection, row: tuple[Any, ...]) -> StreamRecord:
-    sid, status, created, completed, error, metadata, path, method, text_event, count, content = row
+    sid, status, created, completed, error, metadata, path, method, text_event, count, content, key, fmt = row
     if count is None:  # still streaming: read what has been written so far
         content, count = _text_and_count(con, sid, text_event)
     created_dt = to_datetime(created)
@@ -374,4 +459,7 @@ def _record(con: sqlite3.Connection, row: tuple[Any, ...]) -> StreamRecord:
         metadata=json.loads(metadata),
         path=path,
         method=method,
+        key=key,
+        format=fmt,
+        text_event=text_event,
     )
