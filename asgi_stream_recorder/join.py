@@ -94,6 +94,9 @@ class JoinResponse:
         return None, 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        state = scope.get(SCOPE_KEY)
+        if state is not None:
+            state.decorated = True  # driven here: the middleware neither watches nor records it again
         recorder = self.recorder
         await recorder.ensure_open()
         if self.key is not None:  # the key's active stream, from its start
@@ -138,7 +141,7 @@ class JoinResponse:
             view.metadata, view.text_event, view.created_at = source.metadata, source.text_event, source.created_at
             name = name or source.format
         wire = resolve_format(name or "sse")
-        host = getattr(scope.get(SCOPE_KEY), "middleware", None)
+        host = getattr(state, "middleware", None)
         driver = StreamDriver(None, receive, send, host=host, format=wire, ping=self.ping)
         headers = [(k.encode(), v.encode()) for k, v in SSE_HEADERS.items()]
         headers += [(b"content-type", b"text/event-stream; charset=utf-8"), (b"x-stream-id", sid.encode())]

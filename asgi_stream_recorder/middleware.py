@@ -48,7 +48,9 @@ class RequestState:
     def __init__(self, middleware: StreamRecorderMiddleware, recorder: Recorder) -> None:
         self.middleware = middleware
         self.recorder = recorder
-        self.decorated = False  # set by a RecordedStreamResponse, so the tap does not record twice
+        #: set by a response this library drives itself (a decorated stream, a join), so the
+        #: middleware's wire tap neither watches nor records it a second time
+        self.decorated = False
 
 
 class _StartupFailed(Exception):

@@ -128,6 +128,9 @@ class RecordedStreamResponse(Response):
             await aclose()  # never started: none of its code runs
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        state = scope.get(SCOPE_KEY)
+        if state is not None:
+            state.decorated = True  # driven here: the middleware neither watches nor records it again
         if scope.get("method") == "HEAD":
             await send(self._start_message(scope))
             await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -137,14 +140,12 @@ class RecordedStreamResponse(Response):
             await self._never_start()  # a reconnecting client joins its stream: never a second generation
             await self._rejoin(last, scope, receive, send)
             return
-        state = scope.get(SCOPE_KEY)
         host = None
         if state is not None:
             host = state.middleware
             if host.shutting_down:
                 await _refuse(send)
                 return
-            state.decorated = True
         recorder = self.recorder
         if recorder is None:
             recorder = state.recorder if state is not None else default_recorder()

@@ -168,6 +168,21 @@ class SSEStream:
             pass
         return list(self.received)
 
+    async def text(self) -> str:
+        """Read until the stream ends; the data of its plain (``message``) events joined: the
+        answer as a browser's ``onmessage`` sees it (named events such as ``done``, ``error``
+        or ``shutdown`` are in :attr:`received`, not here)."""
+        return "".join(e.text or "" for e in await self.collect() if e.event is None)
+
+    @property
+    def done(self) -> dict[str, Any] | None:
+        """The data of the stream's final ``event: done`` (``{"stream_id", "status"}``), once received."""
+        for event in reversed(self.received):
+            if event.event == "done" and event.text is not None:
+                value = jsonlib.loads(event.text)
+                return value if isinstance(value, dict) else None
+        return None
+
     async def read(self) -> bytes:
         """Read the rest of the body (for responses that are not event streams)."""
         while not self.complete and not self.disconnected:
