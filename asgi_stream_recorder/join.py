@@ -64,11 +64,14 @@ class JoinResponse:
         after: int | str | None = None,
         format: str | WireFormat | None = None,
         ping: float | None = 15.0,
+        path: str | None = None,
     ) -> None:
         if (stream_id is None) == (key is None):
             raise ValueError("join a stream by stream_id or by key (one of them)")
         self.recorder, self.stream_id, self.key = recorder, stream_id, key
         self.after, self.format, self.ping = after, format, ping
+        #: only join a stream produced at this path (a resuming endpoint joins its own streams)
+        self.path = path
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send, status: int, text: str) -> None:
         response: Response = PlainTextResponse(text, status) if status != 204 else Response(status_code=204)
@@ -126,9 +129,13 @@ class JoinResponse:
             if record is None:
                 await self._refuse(scope, receive, send, 404, "no such stream")
                 return
-            if record.finished and not await recorder.chunks(sid, after):
-                await self._refuse(scope, receive, send, 204, "")
-                return
+        produced_at = record.path if record is not None else getattr(live.session if live else None, "path", None)
+        if self.path is not None and produced_at != self.path:
+            await self._refuse(scope, receive, send, 400, "the event id belongs to a stream of another endpoint")
+            return
+        if record is not None and record.finished and not await recorder.chunks(sid, after):
+            await self._refuse(scope, receive, send, 204, "")
+            return
         # The stream as its format sees it: its id, metadata, start time, text event.
         view = StreamSession(recorder, id=sid, resumable=True)
         name = self.format

@@ -185,4 +185,5 @@ class RecordedStreamResponse(Response):
             return
         state = scope.get(SCOPE_KEY)
         recorder = self.recorder or (state.recorder if state is not None else default_recorder())
-        await JoinResponse(recorder, stream_id, after=seq, ping=self.ping)(scope, receive, send)
+        join = JoinResponse(recorder, stream_id, after=seq, format=self.format, ping=self.ping, path=scope.get("path"))
+        await join(scope, receive, send)

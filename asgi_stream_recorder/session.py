@@ -66,7 +66,7 @@ class StreamSession:
     __slots__ = (
         "id", "metadata", "recorder", "status", "error", "seq", "count", "char_count", "dropped",
         "ttft_ms", "client_left_ms", "text_event", "created_at", "completed_at", "key", "format", "id_prefix",
-        "live", "_t0", "_at_ms", "_path", "_method", "_token", "_put", "_text", "_last_at", "_waits",
+        "live", "path", "_t0", "_at_ms", "_method", "_token", "_put", "_text", "_last_at", "_waits",
     )
 
     def __init__(
@@ -106,7 +106,7 @@ class StreamSession:
         self._at_ms = 0.0
         self.created_at = time.time()  # epoch seconds
         self.completed_at: float | None = None
-        self._path, self._method = path, method
+        self.path, self._method = path, method
         self._token: Any = None
 
     def __repr__(self) -> str:
@@ -127,7 +127,7 @@ class StreamSession:
             StreamStart(
                 id=self.id,
                 created_at=self.created_at,
-                path=self._path,
+                path=self.path,
                 method=self._method,
                 metadata=dict(self.metadata),
                 text_event=self.text_event,

@@ -2,7 +2,8 @@
 
 Prints a table of medians, ratios and targets; writes ``bench/results/latest.json`` and
 ``bench/results/latest.png`` (the plot needs matplotlib: ``pip install -e '.[bench]'``).
-With ``--only``, the other families' results are kept from the previous latest.json.
+A ``--quick`` run writes ``quick.json`` and ``quick.png`` instead: latest.json holds full runs only.
+With ``--only``, the other families' results are kept from the previous file of the same kind.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-FAMILIES = ["inprocess", "server", "recorder", "memory", "disconnect"]
+FAMILIES = ["inprocess", "server", "recorder", "memory", "disconnect", "looplag", "leaks", "outage"]
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -66,6 +67,10 @@ def fmt(x: float | None, unit: str = "") -> str:
     if unit == "KiB":
         return f"{x:.1f} KiB"
     return f"{x:,.0f}"
+
+
+def p50_p99_max(d: dict[str, Any]) -> str:
+    return f"p50 {fmt(d['p50_ms'], 'ms')}, p99 {fmt(d['p99_ms'], 'ms')}, max {fmt(d['max_ms'], 'ms')}"
 
 
 def rows(res: dict[str, Any]) -> tuple[list[list[str]], list[dict[str, Any]]]:
@@ -172,6 +177,74 @@ def rows(res: dict[str, Any]) -> tuple[list[list[str]], list[dict[str, Any]]]:
                 table.append([f"6 disconnect ({stack})", name, f"{fmt(e['median_ms'], 'ms')} median",
                               f"p99 {fmt(e['p99_ms'], 'ms')}, {e['finally_never_ran']} never ran"])
             target(f"disconnect noticed, p99 ({stack})", d["ours"]["p99_ms"], "<", 50, "ms")
+    ll = res.get("looplag")
+    if ll:
+        for load in ll["loads"]:
+            s = ll.get(f"streams_{load}")
+            if not s:
+                continue
+            for name in ("ours", "plain", "sse_starlette"):
+                e = s[name]
+                cpu = "n/a" if e["server_cpu"] is None else f"{e['server_cpu']:.0%}"
+                if e.get("server_waited_for_cpu") is not None:
+                    cpu += f", waited for a CPU {e['server_waited_for_cpu']:.0%}"
+                table.append([f"7 loop lag, {load} streams", ll["labels"][name],
+                              p50_p99_max(e),
+                              f"worst max {fmt(e['max_ms_worst'], 'ms')}, gen-2 GCs {fmt(e['gen2_collections'])} "
+                              f"(longest {fmt(e['gen2_pause_max_ms'], 'ms')}), server CPU {cpu}"])
+            table.append([f"7 loop lag, {load} streams", "ours p99 / plain StreamingResponse p99",
+                          fmt(s["ratio_p99_ours_to_plain"], "x"),
+                          f"{fmt(s['ratio_p99_ours_to_sse_starlette'], 'x')} of sse-starlette's"])
+            target(f"loop lag p99 at {load} streams: ours / plain StreamingResponse", s["ratio_p99_ours_to_plain"],
+                   "<", 1.5, "x")
+            target(f"loop lag max at {load} streams: ours (worst round)", s["ours"]["max_ms_worst"], "<", 20, "ms")
+    lk = res.get("leaks")
+    if lk:
+        for name, c in lk["candidates"].items():
+            steps = c["steps"]
+            for st in steps[:2] + (steps[-2:] if len(steps) > 2 else []):
+                d = st["delta"]
+                table.append([f"8 leaks, {name}", f"cycle {st['cycle']}, after {st['after']}",
+                              f"RSS {d['rss_kib']:+,} KiB, fds {d['fds']:+}",
+                              f"tasks {d['tasks']:+}, live stream objects {sum(d['live'].values()):+}, "
+                              f"gc objects {d['gc_objects']:+,}"])
+            table.append([f"8 leaks, {name}", f"verdict after {c['streams_total']:,} streams",
+                          "leak suspected" if c["leak_suspected"] else "no growth beyond tolerance",
+                          "; ".join(c["flags"])])
+        o = lk["candidates"]["ours"]
+        target("leaks (ours): fd growth once all streams ended", o["fd_growth_worst"], "<", lk["fd_tolerance"] + 1,
+               "fds")
+        target("leaks (ours): RSS growth once all streams ended", o["rss_growth_kib"], "<", lk["rss_tolerance_kib"],
+               "KiB")
+        alive = o["final_delta"]["tasks"] + sum(o["final_delta"]["live"].values())
+        targets.append({"target": "leaks (ours): tasks and stream objects left alive", "measured": alive,
+                        "pass": alive <= 0, "unit": "objects"})
+    og = res.get("outage")
+    if og:
+        opts = og.get("recorder") or {}
+        table.append(["9 outage", "recorder options (defaults)", str(opts.get("policy") or
+                                                                     opts.get("constructor_defaults")), ""])
+        for scen, v in og["scenarios"].items():
+            sm = v["summary"]
+            where = (f"9 outage, {scen}" if scen == "alone" else f"9 outage, +{og['bulk_streams']} bulk streams")
+            for phase in ("before", "during", "after"):
+                p = sm[phase]
+                table.append([where, f"client token gaps {phase} the {og['lock_s']:.0f} s lock",
+                              p50_p99_max(p),
+                              f"{fmt(p['over_100ms'])} gaps > 100 ms"])
+            table.append([where, "record: chunk_count + dropped_chunks vs sent",
+                          f"{fmt(sm['chunk_count'])} + {fmt(sm['dropped_chunks'])} vs {fmt(sm['sent'])}",
+                          f"{sm['runs_not_accounted']} run(s) not adding up"])
+        bad = sum(v["summary"]["runs_not_accounted"] + v["summary"]["runs_client_ids_wrong"]
+                  for v in og["scenarios"].values())
+        targets.append({"target": "outage: chunk_count + dropped_chunks == events sent, every run", "measured": bad,
+                        "pass": bad == 0, "unit": "bad"})
+        if "alone" in og["scenarios"]:
+            target("outage, one stream: client's max token gap during the lock",
+                   og["scenarios"]["alone"]["summary"]["during_max_ms_worst"], "<", 100, "ms")
+        if "bulk" in og["scenarios"]:
+            target("outage, queue full: client's max token gap during the lock",
+                   og["scenarios"]["bulk"]["summary"]["during_max_ms_worst"], "<", 1000, "ms")
     return table, targets
 
 
@@ -319,13 +392,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run that finishes in under a minute")
     parser.add_argument("--only", action="append", choices=FAMILIES, help="run only this family (repeatable)")
-    parser.add_argument("--out", default=str(RESULTS), help="directory for latest.json and latest.png")
+    parser.add_argument("--out", default=str(RESULTS), help="directory for latest.json and latest.png "
+                        "(quick.json and quick.png with --quick)")
     parser.add_argument("--report", action="store_true", help="run nothing: print the table and redraw the plot "
-                        "from the existing latest.json")
+                        "from the existing latest.json (quick.json with --quick)")
     args = parser.parse_args(argv)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    json_path, png_path = out_dir / "latest.json", out_dir / "latest.png"
+    stem = "quick" if args.quick else "latest"  # a smoke run never overwrites the full run's figures
+    json_path, png_path = out_dir / f"{stem}.json", out_dir / f"{stem}.png"
 
     results: dict[str, Any] = {}
     if args.report:

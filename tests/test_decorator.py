@@ -29,7 +29,7 @@ import asgi_stream_recorder.recorders as recorders_module
 from asgi_stream_recorder import MemoryRecorder, RecordedStreamResponse, SQLiteRecorder, StreamStatus, recorded_stream
 from asgi_stream_recorder.middleware import StreamRecorderMiddleware
 from asgi_stream_recorder.response import SCOPE_KEY
-from asgi_stream_recorder.sse import SSEParser
+from asgi_stream_recorder.sse import ServerSentEvent, SSEParser
 
 from .servers import serve
 
@@ -123,11 +123,17 @@ async def close_default() -> None:
         await recorders_module._default.close()
 
 
-async def call(app: ASGIApp, path: str = "/s") -> tuple[dict[str, str], list[tuple[str | None, str | None]]]:
-    """One in-process request, run to its end: (headers, [(event, data)])."""
+def assert_done(event: ServerSentEvent, stream_id: str) -> None:
+    """The last event of a completed stream: ``event: done`` naming the stream, with no ``id``."""
+    assert (event.event, event.id) == ("done", None)
+    assert event.text is not None and json.loads(event.text) == {"stream_id": stream_id, "status": "completed"}
+
+
+async def call(app: ASGIApp, path: str = "/s") -> tuple[dict[str, str], list[ServerSentEvent]]:
+    """One in-process request, run to its end: (headers, events)."""
     headers: dict[str, str] = {}
     parser = SSEParser()
-    events: list[tuple[str | None, str | None]] = []
+    events: list[ServerSentEvent] = []
     requested = False
 
     async def receive() -> Message:
@@ -142,7 +148,7 @@ async def call(app: ASGIApp, path: str = "/s") -> tuple[dict[str, str], list[tup
         if message["type"] == "http.response.start":
             headers.update((k.decode(), v.decode()) for k, v in message["headers"])
         else:
-            events.extend((e.event, e.text) for e in parser.feed(message.get("body", b"")))
+            events.extend(parser.feed(message.get("body", b"")))
 
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
              "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "", "headers": [],
@@ -174,7 +180,8 @@ async def test_without_recorder_the_middlewares_recorder_is_used(default_db: Pat
         recorded = await recorder.list_streams()
     assert states[0].recorder is recorder
     assert [r.id for r in recorded] == [headers["x-stream-id"]]  # recorded once, not also from the wire
-    assert events == [(None, "via middleware")]
+    assert [(e.event, e.text) for e in events[:-1]] == [(None, "via middleware")]
+    assert_done(events[-1], headers["x-stream-id"])
     assert record is not None and record.status is StreamStatus.COMPLETED and record.content == "via middleware"
     assert recorders_module._default is None, "the process default was created although the middleware had one"
     assert not await anyio.Path(default_db).exists()
@@ -210,7 +217,8 @@ async def test_without_any_recorder_the_lazy_process_default_is_used_and_flushed
             row = con.execute("SELECT status, content, chunk_count FROM streams WHERE id = ?",
                               (first["x-stream-id"],)).fetchone()
         assert row == ("completed", "to the default", 2)
-        assert events == [(None, "to the "), (None, "default")]
+        assert [(e.event, e.text) for e in events[:-1]] == [(None, "to the "), (None, "default")]
+        assert_done(events[-1], first["x-stream-id"])
         default = recorders_module._default
         assert isinstance(default, SQLiteRecorder) and Path(default.path) == default_db
         assert default.managed is False  # nobody will close it: each stream flushes itself
@@ -236,7 +244,7 @@ async def test_bare_decorator_over_a_real_server_records_into_the_default(defaul
             async with serve(Starlette(routes=[Route("/s", source)])) as url, httpx.AsyncClient(timeout=5) as client:
                 async with aconnect_sse(client, "GET", f"{url}/s") as events:
                     stream_id = events.response.headers["x-stream-id"]
-                    received = [(e.data, e.id) async for e in events.aiter_sse()]
+                    received = [(e.event, e.data, e.id) async for e in events.aiter_sse()]
                 # the client has the whole stream; the server flushes right after the last byte
                 async with SQLiteRecorder(default_db) as reader:
                     for _ in range(500):
@@ -246,7 +254,11 @@ async def test_bare_decorator_over_a_real_server_records_into_the_default(defaul
                         await anyio.sleep(0.01)
     finally:
         await close_default()
-    assert received == [("a", "1"), ("b", "2"), ("c", "3")]
+    *data, (done_name, done_data, done_id) = received
+    assert data == [("message", "a", "1"), ("message", "b", "2"), ("message", "c", "3")]
+    # the done event has no id: the client's last event id stays on the last chunk
+    assert (done_name, done_id) == ("done", "3")
+    assert json.loads(done_data) == {"stream_id": stream_id, "status": "completed"}
     assert record is not None and record.status is StreamStatus.COMPLETED and record.content == "abc"
 
 
@@ -261,7 +273,8 @@ async def test_options_reach_the_wire() -> None:
         headers, events = await call(Starlette(routes=[Route("/s", source)]))
         await recorder.flush()
         record = await recorder.get(headers["x-stream-id"])
-    assert events == [("token", "t")]
+    assert [(e.event, e.text) for e in events[:-1]] == [("token", "t")]
+    assert_done(events[-1], headers["x-stream-id"])  # the chunks' event name is not the done event's
     assert headers["x-extra"] == "yes"
     assert record is not None and record.metadata["k"] == 1 and record.content == "t"
 
@@ -306,13 +319,16 @@ async def test_fastapi_query_parameter_and_dependency_are_injected() -> None:
                 assert events.response.status_code == 200
                 assert events.response.headers["content-type"] == "text/event-stream; charset=utf-8"
                 stream_id = events.response.headers["x-stream-id"]
-                received = [(json.loads(e.data), e.id) async for e in events.aiter_sse()]
+                received = [(e.event, json.loads(e.data), e.id) async for e in events.aiter_sse()]
             missing = await client.get(f"{url}/chat", headers={"x-user": "ada"})  # no q
             bad_type = await client.get(f"{url}/chat", params={"q": "hi", "n": "many"}, headers={"x-user": "ada"})
             no_user = await client.get(f"{url}/chat", params={"q": "hi"})
             await recorder.flush()
         record = await recorder.get(stream_id)
-    assert received == [({"q": "hi", "user": "ADA", "i": i}, str(i + 1)) for i in range(3)]
+    assert received == [
+        *(("message", {"q": "hi", "user": "ADA", "i": i}, str(i + 1)) for i in range(3)),
+        ("done", {"stream_id": stream_id, "status": "completed"}, "3"),  # no id of its own: it stays on "3"
+    ]
     assert (missing.status_code, bad_type.status_code, no_user.status_code) == (422, 422, 422)
     assert record is not None and record.status is StreamStatus.COMPLETED
     assert record.chunk_count == 3 and record.path == "/chat" and record.method == "GET"
@@ -325,11 +341,13 @@ async def test_fastapi_body_model_with_future_annotations() -> None:
             async with aconnect_sse(client, "POST", f"{url}/complete", json={"text": "echo ", "times": 3}) as events:
                 assert events.response.status_code == 200
                 stream_id = events.response.headers["x-stream-id"]
-                received = [e.data async for e in events.aiter_sse()]
+                received = [(e.event, e.data) async for e in events.aiter_sse()]
             invalid = await client.post(f"{url}/complete", json={"times": 3})  # no text
             await recorder.flush()
         record = await recorder.get(stream_id)
-    assert received == ["echo ", "echo ", "echo ", "/complete"]
+    assert [data for name, data in received if name != "done"] == ["echo ", "echo ", "echo ", "/complete"]
+    assert received[-1][0] == "done"
+    assert json.loads(received[-1][1]) == {"stream_id": stream_id, "status": "completed"}
     assert invalid.status_code == 422
     assert record is not None and record.status is StreamStatus.COMPLETED
     assert record.content == "echo echo echo /complete"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -99,5 +100,8 @@ async def test_generator_may_read_the_request_body_itself() -> None:
         for _ in range(5):
             async with httpx.AsyncClient(timeout=5) as client:
                 async with aconnect_sse(client, "POST", f"{url}/s", json={"prompt": "a b c"}) as source:
-                    received = [event.data async for event in source.aiter_sse()]
-            assert received == ["a", "b", "c"]
+                    stream_id = source.response.headers["x-stream-id"]
+                    received = [(event.event, event.data) async for event in source.aiter_sse()]
+            assert [data for name, data in received if name != "done"] == ["a", "b", "c"]
+            assert received[-1][0] == "done"  # the stream completed
+            assert json.loads(received[-1][1]) == {"stream_id": stream_id, "status": "completed"}

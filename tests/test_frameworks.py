@@ -186,11 +186,16 @@ async def test_full_stream_is_injected_streamed_and_recorded(framework: str, tmp
                     assert response.headers["content-type"].startswith("text/event-stream")
                     assert response.headers["cache-control"] == "no-cache, no-transform"
                     stream_id = response.headers["x-stream-id"]
-                    events = [event async for event in source.aiter_sse()]
+                    received = [event async for event in source.aiter_sse()]
         record = await wait_final(recorder, stream_id)
         chunks = await recorder.chunks(stream_id)
+    *events, done = received
     assert "".join(e.data for e in events) == text
     assert [e.id for e in events] == [str(i) for i in range(1, len(events) + 1)]
+    assert [e.event for e in events] == ["message"] * len(events)
+    # the stream ends with a done event that has no id: the last event id stays on the last chunk
+    assert (done.event, done.id) == ("done", str(len(events)))
+    assert done.json() == {"stream_id": stream_id, "status": "completed"}
     assert record.status is StreamStatus.COMPLETED
     assert record.content == text
     assert [c.data for c in chunks] == [e.data for e in events]

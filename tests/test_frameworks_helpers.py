@@ -4,6 +4,7 @@ These are the tests a user of the library would write for their own endpoints.""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +19,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.routing import Route
 
-from asgi_stream_recorder import MemoryRecorder, SQLiteRecorder, current_stream, recorded_stream
+from asgi_stream_recorder import MemoryRecorder, ServerSentEvent, SQLiteRecorder, current_stream, recorded_stream
 from asgi_stream_recorder.app import stream_app
 from asgi_stream_recorder.middleware import StreamRecorderMiddleware
 from asgi_stream_recorder.testing import SSEClientFactory, assert_recorded, fake_token_stream
@@ -26,6 +27,12 @@ from asgi_stream_recorder.testing import SSEClientFactory, assert_recorded, fake
 pytestmark = pytest.mark.anyio
 
 ANSWER = "Streams are recorded as they are sent, token by token."
+
+
+def assert_done(event: ServerSentEvent, stream_id: str | None) -> None:
+    """The last event of a completed stream: ``event: done`` naming the stream, with no ``id``."""
+    assert (event.event, event.id) == ("done", None)
+    assert event.text is not None and json.loads(event.text) == {"stream_id": stream_id, "status": "completed"}
 
 
 async def test_starlette_route(memory_recorder: MemoryRecorder, sse_client: SSEClientFactory) -> None:
@@ -38,8 +45,10 @@ async def test_starlette_route(memory_recorder: MemoryRecorder, sse_client: SSEC
     app = Starlette(routes=[Route("/chat", chat)])
     async with sse_client(app) as client, client.stream("GET", "/chat?topic=sse") as s:
         assert s.status_code == 200
-        text = "".join([event.data async for event in s.events()])
+        events = [event async for event in s.events()]
+    text = "".join(e.data for e in events if e.event != "done")
     assert text == ANSWER
+    assert_done(events[-1], s.stream_id)
     await assert_recorded(
         memory_recorder, s.stream_id, status="completed", content=ANSWER,
         metadata_includes={"model": "fake", "topic": "sse"}, path="/chat",
@@ -69,8 +78,10 @@ async def test_fastapi_path_operation_behind_the_middleware(sse_client: SSEClien
     app = StreamRecorderMiddleware(api, recorder=recorder, handle_signals=False)
     async with sse_client(app, lifespan=True, headers={"x-user": "ann"}) as client:
         async with client.stream("POST", "/chat/lobby?n=2", json={"prompt": "hello there"}) as s:
-            text = "".join([event.data async for event in s.events()])
+            events = [event async for event in s.events()]
+        text = "".join(e.data for e in events if e.event != "done")
         assert text == "ann@lobby n=2: hello there"
+        assert_done(events[-1], s.stream_id)
         await assert_recorded(recorder, s.stream_id, status="completed", content=text)
 
         async with client.stream("POST", "/chat/lobby?n=oops", json={}) as s:

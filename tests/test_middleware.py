@@ -303,10 +303,13 @@ async def test_record_all_sse_does_not_record_decorated_streams_twice() -> None:
     app = StreamRecorderMiddleware(Starlette(routes=[Route("/s", endpoint)]), recorder=recorder, record_all_sse=True)
     async with serve(app) as url:
         stream_id, received = await _read_events(f"{url}/s")
-        await wait_recorded(recorder, stream_id)
+        record = await wait_recorded(recorder, stream_id)
         streams = await recorder.list_streams()
-    assert received == [("message", "only once")]
+    assert received[:-1] == [("message", "only once")]
+    assert received[-1][0] == "done"
+    assert json.loads(received[-1][1]) == {"stream_id": stream_id, "status": "completed"}
     assert [s.id for s in streams] == [stream_id]
+    assert (record.content, record.chunk_count) == ("only once", 1)  # the done event is not recorded
 
 
 async def test_undecorated_stream_is_cancelled_when_the_client_leaves() -> None:

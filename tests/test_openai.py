@@ -128,7 +128,10 @@ async def test_openai_stream_is_recorded_with_exact_text_usage_and_metadata(api:
         await client.close()
         record = await wait_recorded(recorder, stream_id)
         chunks = await recorder.chunks(stream_id)
-    assert [e.data for e in events] == TOKENS  # each provider delta is one event, unsplit
+    assert [e.data for e in events if e.event != "done"] == TOKENS  # each provider delta is one event, unsplit
+    # a plain SSE endpoint (not format="openai"): the completed stream ends with its done event, which has no id
+    assert (events[-1].event, events[-1].id) == ("done", None)
+    assert json.loads(events[-1].data) == {"stream_id": stream_id, "status": "completed"}
     assert record.status is StreamStatus.COMPLETED, record.error
     assert record.content == TEXT == fake.full_text
     meta = record.metadata

@@ -114,6 +114,16 @@ async def run_stream(client: SSEClient, url: str = "/", **kwargs: Any) -> tuple[
     return s.stream_id, events
 
 
+def completed_data(events: list[ServerSentEvent], stream_id: str | None) -> list[ServerSentEvent]:
+    """The data events of a completed stream, once checked that it ended with its ``event: done``
+    (naming the stream, status completed, no ``id``)."""
+    assert events, "no events"
+    done = events[-1]
+    assert (done.event, done.id) == ("done", None), events[-3:]
+    assert done.text is not None and json.loads(done.text) == {"stream_id": stream_id, "status": "completed"}
+    return events[:-1]
+
+
 async def stored(recorder: Recorder, stream_id: str) -> StreamRecord:
     record = await recorder.get(stream_id)
     assert record is not None, f"stream {stream_id} was not recorded"
@@ -256,7 +266,7 @@ async def test_unstorable_metadata_is_made_storable_and_recording_goes_on(
     app = _bad_metadata_app(recorder, case, via)
     async with opened(recorder), sse_client(app) as client:
         bad_id, events = await run_stream(client, "/bad")
-        assert [e.data for e in events] == ["a", "b"]
+        assert [e.data for e in completed_data(events, bad_id)] == ["a", "b"]
         later = [(await run_stream(client, "/good"))[0] for _ in range(20)]
         await assert_all_completed(recorder, later, "ab")
         record = await stored(recorder, bad_id)
@@ -345,7 +355,7 @@ async def test_locked_database_never_stalls_the_client(tmp_path: Path) -> None:
                 with anyio.fail_after(10):
                     sid, events = await run_stream(client, "/tokens")
             # the client has every token while the database is still locked
-            assert [e.data for e in events] == [token(i) for i in range(n)]
+            assert [e.data for e in completed_data(events, sid)] == [token(i) for i in range(n)]
             release()
         await flushed(recorder, 20)
         record = await stored(recorder, sid)
@@ -376,17 +386,17 @@ async def test_full_queue_of_a_stopped_writer_never_holds_the_stream(max_wait: f
 
     app = stream_app(source, recorder=recorder, ping=None)
     await recorder.open()
-    received: list[str] = []
+    received: list[ServerSentEvent] = []
     async with sse_client(app, raise_app_exceptions=False) as client, client.stream("GET", "/") as s:
         with anyio.fail_after(5):
             async for event in s.events():
-                received.append(event.data)
+                received.append(event)
                 if len(received) == 1:
                     # The writer stops while the stream goes on (the chunk being queued as it stops may be lost).
                     with contextlib.suppress(RecorderError):
                         await recorder.close(timeout=2)
                     go.set()
-    assert received == [token(i) for i in range(n)]
+    assert [e.data for e in completed_data(received, s.stream_id)] == [token(i) for i in range(n)]
     assert recorder.stats["dropped"] >= n - 1 - 5, recorder.stats
 
 
@@ -410,7 +420,7 @@ async def test_max_pending_bytes_drops_huge_chunks_beyond_the_bound(tmp_path: Pa
             async with sse_client(app, timeout=10) as client:
                 with anyio.fail_after(15):
                     sid, events = await run_stream(client)
-            assert [e.data for e in events] == [big(i) for i in range(n)]
+            assert [e.data for e in completed_data(events, sid)] == [big(i) for i in range(n)]
             release()
         await flushed(recorder, 20)
         record = await stored(recorder, sid)

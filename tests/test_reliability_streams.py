@@ -17,6 +17,7 @@ httpx client that closes its socket; elsewhere the in-process testing client.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import re
@@ -61,6 +62,15 @@ ERROR_FORMAT = re.compile(r"^[A-Za-z_][\w.]*: \S")  # "ExcType: message"
 
 
 # -- helpers --------------------------------------------------------------------------------------
+def done_of(events: list[Any]) -> dict[str, Any]:
+    """The data of a completed stream's last event, ``event: done`` (which has no ``id``)."""
+    assert events, "no events"
+    assert (events[-1].event, events[-1].id) == ("done", None), events[-3:]
+    done = json.loads(events[-1].text)
+    assert isinstance(done, dict) and done.get("status") == "completed", done
+    return done
+
+
 def tokens(n: int, start: int = 0) -> list[str]:
     return [f"t{i} " for i in range(start, start + n)]
 
@@ -340,7 +350,8 @@ async def test_lone_surrogate_fails_the_stream_tells_the_client_and_later_stream
     assert events[-1].event == "error", events
     assert bad_body_ended, "the failed stream's body was not ended"
     assert good_record.status is StreamStatus.COMPLETED, good_record
-    assert [e.data for e in good_events] == ["fine", "\U0001f600"]
+    assert [e.data for e in good_events if e.event != "done"] == ["fine", "\U0001f600"]
+    assert done_of(good_events) == {"stream_id": good_id, "status": "completed"}
 
 
 def send_raises_on_body(app: ASGIApp, n: int, exc: Callable[[], BaseException]) -> ASGIApp:
@@ -707,13 +718,16 @@ async def test_head_on_a_decorated_get_route_sends_headers_only_and_records_noth
         await recorder.flush()
         head_records = await recorder.list_streams()
         events = await client.collect("/s")  # GET still streams
+        await recorder.flush()
+        get_records = await recorder.list_streams()
     assert status == 200
     assert content_type.startswith("text/event-stream"), content_type
     assert body == b""
     assert complete
     assert ran_for_head == [], "the generator ran for HEAD"
     assert head_records == [], f"HEAD was recorded: {head_records}"
-    assert [e.data for e in events] == ["a", "b"]
+    assert [e.data for e in events if e.event != "done"] == ["a", "b"]
+    assert [done_of(events)["stream_id"]] == [r.id for r in get_records]
 
 
 async def test_stream_app_streams_get_and_post_answers_head_and_refuses_other_methods() -> None:
@@ -732,8 +746,11 @@ async def test_stream_app_streams_get_and_post_answers_head_and_refuses_other_me
         await recorder.flush()
         assert await recorder.list_streams() == [], "HEAD was recorded"
         assert ran == [], "the generator ran for HEAD"
-        assert [e.data for e in await client.collect("/")] == ["x", "y"]
-        assert [e.data for e in await client.collect("/", method="POST", json={"q": 1})] == ["x", "y"]
+        get_events = await client.collect("/")
+        post_events = await client.collect("/", method="POST", json={"q": 1})
+        assert [e.data for e in get_events if e.event != "done"] == ["x", "y"]
+        assert [e.data for e in post_events if e.event != "done"] == ["x", "y"]
+        done_ids = {done_of(get_events)["stream_id"], done_of(post_events)["stream_id"]}
         async with client.stream("PUT", "/", content=b"{}") as s:
             put_status, allow = s.status_code, s.headers.get("allow", "")
             await s.read()
@@ -747,6 +764,7 @@ async def test_stream_app_streams_get_and_post_answers_head_and_refuses_other_me
     allowed = {m.strip().upper() for m in allow.split(",") if m.strip()}
     assert {"GET", "POST"} <= allowed <= {"GET", "HEAD", "POST"}, f"Allow: {allow!r}"
     assert len(records) == 2, f"expected the GET and POST streams only: {records}"
+    assert done_ids == {r.id for r in records}, "each done event names its own stream"
 
 
 # -- 7. an unsendable item -----------------------------------------------------------------------------

@@ -203,6 +203,17 @@ def data_events(ex: Exchange) -> list[ServerSentEvent]:
     return [e for e in ex.events if e.event != "error"]
 
 
+def assert_done(ex: Exchange) -> None:
+    """A completed stream's last event is ``event: done`` naming it, in a block without an ``id``
+    line: the id a client resumes from stays on the last chunk."""
+    *data, done = ex.events
+    assert (done.event, done.id) == ("done", None), done
+    assert done.text is not None and json.loads(done.text) == {"stream_id": ex.stream_id, "status": "completed"}
+    assert not any(line.startswith(b"id:") for line in ex.blocks()[-1].split(b"\n")), ex.blocks()[-1]
+    assert all(e.event != "done" for e in data), "more than one done event"
+    assert ex.parser.last_event_id == (data[-1].id if data else "")
+
+
 def assert_sse_response(ex: Exchange) -> None:
     assert ex.status == 200
     assert ex.header("content-type") == "text/event-stream; charset=utf-8"
@@ -236,11 +247,12 @@ async def test_completed_stream(transport: str, recorder: SQLiteRecorder, tmp_pa
     assert_sse_response(ex)
 
     texts = ["Hel", "lo wörld\n", '{"k":[1,"ü"]}', "byétes", '{"name":"lookup"}', "\N{PILE OF POO}"]
-    assert [e.text for e in ex.events] == texts
-    assert [e.id for e in ex.events] == ["1", "2", "3", "4", "5", "6"]
-    assert [e.event for e in ex.events] == [None, None, None, None, "tool", None]
-    assert all(block.startswith(f"id: {i}\n".encode()) for i, block in enumerate(ex.blocks(), 1))
-    assert len(ex.blocks()) == 6  # nothing after the last event: no error, no extra event
+    assert [e.text for e in ex.events[:-1]] == texts
+    assert [e.id for e in ex.events[:-1]] == ["1", "2", "3", "4", "5", "6"]
+    assert [e.event for e in ex.events[:-1]] == [None, None, None, None, "tool", None]
+    assert_done(ex)
+    assert all(block.startswith(f"id: {i}\n".encode()) for i, block in enumerate(ex.blocks()[:-1], 1))
+    assert len(ex.blocks()) == 7  # the six events, then the done event: no error, no other event
 
     record = await final_record(recorder, ex.stream_id)
     assert record.status is StreamStatus.COMPLETED
@@ -435,13 +447,15 @@ async def test_idle_stream_gets_pings_that_are_not_recorded(transport: str, reco
     ex = await exchange(transport, app_for(generate, recorder=recorder, ping=0.05))
     blocks = ex.blocks()
     pings = [i for i, b in enumerate(blocks) if b == b": ping"]
-    data = [i for i, b in enumerate(blocks) if b != b": ping"]
+    *data, done = [i for i, b in enumerate(blocks) if b != b": ping"]
+    assert done == len(blocks) - 1  # the done event ends the stream: no ping after it
     assert blocks[data[0]] == b"id: 1\ndata: a" and blocks[data[1]] == b"id: 2\ndata: b"
     assert len(data) == 2
     assert len(pings) >= 4
     assert any(i < data[0] for i in pings) and any(data[0] < i < data[1] for i in pings)
     assert ex.parser.comments == len(pings)
-    assert [(e.text, e.id) for e in ex.events] == [("a", "1"), ("b", "2")]
+    assert [(e.text, e.id) for e in ex.events[:-1]] == [("a", "1"), ("b", "2")]
+    assert_done(ex)
 
     record = await final_record(recorder, ex.stream_id)
     assert record.status is StreamStatus.COMPLETED
@@ -457,7 +471,8 @@ async def test_busy_stream_gets_no_pings(transport: str, recorder: SQLiteRecorde
 
     ex = await exchange(transport, app_for(generate, recorder=recorder, ping=0.2))
     assert b"ping" not in ex.raw
-    assert len(ex.events) == 20
+    assert [e.text for e in ex.events if e.event != "done"] == [str(i) for i in range(20)]
+    assert_done(ex)
 
 
 # -- the database is off the client's path -----------------------------------------------------------------------
@@ -502,7 +517,8 @@ async def test_events_reach_the_client_while_the_database_is_blocked(transport: 
         ex = await exchange(transport, app_for(generate, recorder=recorder), watch=watch)
         assert checked == [0], "the client waited for the database"
         record = await final_record(recorder, ex.stream_id)
-    assert [e.text for e in ex.events] == ["first", "second", "third"]
+    assert [e.text for e in ex.events[:-1]] == ["first", "second", "third"]
+    assert_done(ex)
     assert record.status is StreamStatus.COMPLETED
     assert record.content == "firstsecondthird"
 
@@ -517,10 +533,11 @@ async def test_comment_and_retry_events_are_sent_but_only_data_is_recorded(
         yield "plain"
 
     ex = await exchange(transport, app_for(generate, recorder=recorder))
-    assert [(e.text, e.id, e.event, e.retry) for e in ex.events] == [
+    assert [(e.text, e.id, e.event, e.retry) for e in ex.events[:-1]] == [
         ("with extras", "1", "token", 1000),
         ("plain", "2", None, None),
     ]
+    assert_done(ex)
     assert ex.parser.retry == 1000 and ex.parser.comments == 2
     assert b"retry: 2500" in ex.raw
     record = await final_record(recorder, ex.stream_id)

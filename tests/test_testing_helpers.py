@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from contextlib import aclosing, asynccontextmanager
 from pathlib import Path
@@ -16,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from asgi_stream_recorder import MemoryRecorder, SQLiteRecorder, StreamStatus, recorded_stream
+from asgi_stream_recorder import MemoryRecorder, ServerSentEvent, SQLiteRecorder, StreamStatus, recorded_stream
 from asgi_stream_recorder.middleware import StreamRecorderMiddleware
 from asgi_stream_recorder.testing import (
     FakeAsyncOpenAI,
@@ -32,6 +33,12 @@ from asgi_stream_recorder.testing import (
 pytestmark = pytest.mark.anyio
 
 TEXT = "The quick  brown fox\njumps over the lazy dog. "
+
+
+def assert_done(event: ServerSentEvent, stream_id: str | None) -> None:
+    """The last event of a completed stream: ``event: done`` naming the stream, with no ``id``."""
+    assert (event.event, event.id) == ("done", None)
+    assert event.text is not None and json.loads(event.text) == {"stream_id": stream_id, "status": "completed"}
 
 
 def chat_app(recorder: MemoryRecorder | SQLiteRecorder, source: Any) -> Starlette:
@@ -60,9 +67,10 @@ async def test_events_arrive_while_the_app_is_still_streaming(memory_recorder: M
             async with client.stream("GET", "/chat") as s:
                 seen = []
                 async for event in s.events():
-                    seen.append(event.data)
+                    seen.append(event)
                     go_on.set()
-            assert seen == ["first", "second"]
+            assert [e.data for e in seen if e.event != "done"] == ["first", "second"]
+            assert_done(seen[-1], s.stream_id)
             await assert_recorded(memory_recorder, s.stream_id, status="completed", content="firstsecond")
 
 
@@ -79,7 +87,9 @@ async def test_status_headers_stream_id_query_and_json_body(memory_recorder: Mem
                 assert s.headers["cache-control"] == "no-cache, no-transform"
                 assert s.stream_id == s.headers["x-stream-id"]
                 events = await s.collect()
-            assert [(e.data, e.id) for e in events] == [("1:hi:ann", "1")]
+            assert [(e.event, e.data, e.id) for e in events[:-1]] == [(None, "1:hi:ann", "1")]
+            assert_done(events[-1], s.stream_id)
+            assert s.last_event_id == "1"  # the done event has no id: a resume starts after the last chunk
             assert s.complete and not s.disconnected
             await assert_recorded(
                 memory_recorder, s.stream_id, status="completed", content="1:hi:ann", chunk_count=1,
@@ -346,9 +356,11 @@ async def test_sqlite_fixture_and_client_factory_fixture(
         async with sse_client(chat_app(sqlite_recorder, source)) as client:
             async with client.stream("GET", "/chat") as s:
                 events = await s.collect()
-    assert "".join(e.data for e in events) == TEXT
+    *data, done = events
+    assert "".join(e.data for e in data) == TEXT
+    assert_done(done, s.stream_id)
     record = await assert_recorded(sqlite_recorder, s.stream_id, status=StreamStatus.COMPLETED, content=TEXT)
-    assert record.metadata["chunk_count"] == len(events)
+    assert record.metadata["chunk_count"] == len(data)  # the done event is not recorded
 
 
 async def test_memory_fixture_is_fresh_and_open(memory_recorder: MemoryRecorder) -> None:

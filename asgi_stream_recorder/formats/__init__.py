@@ -48,6 +48,8 @@ class WireFormat:
 
     def __init__(self, *, done_event: bool = True) -> None:
         self.done_event = done_event
+        if not done_event:
+            self.name = "sse-without-done"
 
     def chunk(self, session: StreamSession, chunk: Chunk, extra: ServerSentEvent | None) -> bytes:
         """Bytes for one data chunk; ``extra`` carries a yielded event's ``retry``/``comment``."""
@@ -81,6 +83,8 @@ def resolve_format(format: str | WireFormat, *, done_event: bool = True) -> Wire
         return format
     if format == "sse":
         return SSE if done_event else _SSE_NO_DONE
+    if format == "sse-without-done":
+        return _SSE_NO_DONE
     if format == "openai":
         from ..integrations.openai import OpenAIFormat
 

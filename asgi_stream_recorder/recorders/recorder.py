@@ -63,6 +63,7 @@ class Recorder:
         self._changed: anyio.Event | None = None  # set by the watcher when records may have changed
         self._waiters = 0  # tasks waiting for a change
         self._watcher_loop: object = None
+        self._last_recovery = -1e9
         self._opened = False
         #: True when opened by the user or the middleware, who will close it; a lazily
         #: opened recorder is flushed at the end of each stream instead.
@@ -221,19 +222,23 @@ class Recorder:
         """One task per recorder, while this process runs streams or someone waits for changes:
         it asks the backend for changes, wakes the waiters, passes cancel requests on to the
         streams running here, and (for waiters) ends streams of dead processes."""
-        last_recovery = 0.0
+        last_cancels = 0.0
+        idle = 0
         try:
-            while self._waiters or self.live.streams:
+            while idle < 4:  # lingers a second after the last stream or waiter, not to restart at once
+                idle = 0 if self._waiters or self.live.streams else idle + 1
                 try:
                     await self.backend.wait_for_change(0.25)
                     changed, self._changed = self._changed, None
                     if changed is not None:
                         changed.set()
-                    if self.live.streams:
+                    now = anyio.current_time()
+                    if self.live.streams and now - last_cancels >= 0.2:  # at most 5 looks a second
+                        last_cancels = now
                         for stream_id in await self.backend.cancel_requests(list(self.live.streams)):
                             self.live.cancel(stream_id)
-                    if self._waiters and anyio.current_time() - last_recovery > 2.0:
-                        last_recovery = anyio.current_time()
+                    if self._waiters and now - self._last_recovery > 2.0:
+                        self._last_recovery = now
                         await self.backend.recover(is_orphan)
                 except Exception as exc:  # the backend is down: try again later
                     log.debug("recorder watcher: %r", exc)
