@@ -124,8 +124,7 @@ class JoinResponse:
         live = recorder.live.streams.get(sid)
         record = None
         if live is None:
-            await recorder.settle(sid)
-            record = await recorder.get(sid)
+            record = await recorder.get_soon(sid)  # (a stream just started elsewhere may not be written yet)
             if record is None:
                 await self._refuse(scope, receive, send, 404, "no such stream")
                 return

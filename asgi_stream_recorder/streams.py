@@ -26,7 +26,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .driver import SCOPE_KEY
 from .join import join_response
@@ -72,7 +72,7 @@ def record_json(record: StreamRecord, *, content: bool = True) -> dict[str, Any]
     return out
 
 
-def streams_app(*, recorder: Recorder | None = None, authorize: Authorize | None = None) -> Starlette:
+def streams_app(*, recorder: Recorder | None = None, authorize: Authorize | None = None) -> ASGIApp:
     """A mountable ASGI app serving recorded streams; see the module docstring.
 
     ``recorder``: whose streams (default: the middleware's, else the process default).
@@ -122,9 +122,7 @@ def streams_app(*, recorder: Recorder | None = None, authorize: Authorize | None
         return JSONResponse([record_json(r, content=False) for r in records])
 
     async def read(request: Request, rec: Recorder) -> Response:
-        stream_id = request.path_params["stream_id"]
-        await rec.settle(stream_id)
-        record = await rec.get(stream_id)
+        record = await rec.get_soon(request.path_params["stream_id"])
         if record is None:
             return PlainTextResponse("no such stream", 404)
         return JSONResponse(record_json(record))
@@ -141,9 +139,26 @@ def streams_app(*, recorder: Recorder | None = None, authorize: Authorize | None
             return PlainTextResponse("no such stream", 404)
         return JSONResponse({"stream_id": stream_id, "cancelled": False, "status": str(record.status)}, 409)
 
-    return Starlette(routes=[
+    return _NoTrailingSlash(Starlette(routes=[
         Route("/", guarded("list", list_streams), methods=["GET"]),
         Route("/{stream_id}", guarded("read", read), methods=["GET"]),
         Route("/{stream_id}/events", guarded("follow", follow), methods=["GET"]),
         Route("/{stream_id}/cancel", guarded("cancel", cancel), methods=["POST"]),
-    ])
+    ], ))
+
+
+class _NoTrailingSlash:
+    """``/{id}/events/`` means ``/{id}/events``: some frameworks' mounts add the slash (Litestar's
+    ``is_mount``), and a redirect would lose the mount's prefix."""
+
+    def __init__(self, app: Starlette) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        root = scope.get("root_path", "")
+        if scope["type"] == "http" and len(path) > len(root) + 1 and path.endswith("/"):
+            scope = {**scope, "path": path.rstrip("/")}
+            if "raw_path" in scope and scope["raw_path"] is not None:
+                scope["raw_path"] = scope["raw_path"].rstrip(b"/")
+        await self.app(scope, receive, send)

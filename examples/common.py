@@ -1,5 +1,5 @@
 """What both example apps share: settings from the environment, the token sources, the chat
-page and the JSON shape of a recorded stream.
+page, the conversation key and the authorization hook of the mounted streams app.
 
 The token source is an offline generator unless ``OPENAI_API_KEY`` is set, in which case an
 OpenAI-compatible model streams the answer (``OPENAI_BASE_URL`` and ``OPENAI_MODEL`` pick
@@ -9,6 +9,7 @@ the server and the model).
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import os
 import re
 from collections.abc import AsyncIterator
@@ -18,18 +19,19 @@ from typing import Any
 
 import anyio
 
-from asgi_stream_recorder import ServerSentEvent, StreamRecord, current_stream
+from asgi_stream_recorder import ServerSentEvent, current_stream
 from asgi_stream_recorder.integrations.openai import openai_text
 
 __all__ = [
     "DEFAULT_MAX_TOKENS",
     "Settings",
     "Token",
+    "authorize",
     "chat_page",
+    "conversation_key",
     "generate",
     "offline_tokens",
     "openai_tokens",
-    "stream_json",
 ]
 
 STATIC = Path(__file__).parent / "static"
@@ -93,14 +95,16 @@ _ANSWERS = [
     "written.\n\nServer-Sent Events are the simplest way to do that over plain HTTP. The server "
     "keeps the response open and writes one small event per token; the browser's EventSource "
     "reads them as they come, and reconnects on its own if the network drops. Each event here "
-    "carries an id, its sequence number, so a record of the stream can say exactly what the "
-    "client was sent.\n\nPress stop to close the connection: the generator is cancelled on the "
-    "server, and the recorded stream is marked cancelled with everything that was sent so far.",
+    "carries an id, the stream and its sequence number, so a browser that lost the connection "
+    "asks for the rest of the same answer, and the record can say exactly what was sent.\n\n"
+    "Press stop to cancel the generation on the server: the recorded stream is marked "
+    "cancelled with everything that was sent so far.",
     "Every stream this page starts is recorded: when it began, each chunk with its sequence "
     "number and its time, how long the first token took, how long the whole answer took, and "
-    "how it ended. A stream that runs to its end is completed; one whose client went away is "
+    "how it ended. A stream that runs to its end is completed; one stopped on request is "
     "cancelled; one whose generator raised is failed; one the server itself had to stop is "
-    "interrupted.\n\nThe recorder never sits on the path of a token. Chunks go into a bounded "
+    "interrupted. A browser that drops in the middle comes back for the rest, and a second tab "
+    "can watch the same answer live.\n\nThe recorder never sits on the path of a token. Chunks go into a bounded "
     "queue, and a writer task stores them in batches, one transaction at a time, in a single "
     "SQLite file by default. That keeps the stream fast for the browser, and the record "
     "complete for whoever reads it later: a support engineer, an evaluation job, or you.",
@@ -167,33 +171,32 @@ def generate(prompt: str, *, settings: Settings, max_tokens: int | None) -> Asyn
     return offline_tokens(prompt, delay=settings.token_delay, max_tokens=limit)
 
 
-# -- the page and the list of recent streams --------------------------------------------------------
-def chat_page(framework: str) -> str:
-    """The chat page (one static file for both examples), naming the framework that serves it."""
-    return (STATIC / "chat.html").read_text(encoding="utf-8").replace("{{framework}}", framework)
+# -- the page, the conversation key and who may use the streams app --------------------------------
+def chat_page(framework: str, source: str) -> str:
+    """The chat page (one static file for both examples), naming the framework that serves it
+    and the token source the settings chose."""
+    page = (STATIC / "chat.html").read_text(encoding="utf-8")
+    return page.replace("{{framework}}", framework).replace("{{source}}", source)
 
 
-def may_read_streams(client_host: str | None) -> bool:
-    """The authorization hook for reading recorded streams. The demo serves its own machine, so
-    it lets only loopback clients read; a real app checks the signed-in user here (recorded
-    streams hold what your users typed)."""
-    return client_host in ("127.0.0.1", "::1", "localhost")
+_CONVERSATION = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
-def stream_json(record: StreamRecord) -> dict[str, Any]:
-    """What the page's list of recent streams shows about one stream."""
-    meta = record.metadata
-    return {
-        "id": record.id,
-        "status": str(record.status),
-        "method": record.method,
-        "created_at": record.created_at.isoformat(),
-        "completed_at": None if record.completed_at is None else record.completed_at.isoformat(),
-        "ttft_ms": meta.get("ttft_ms"),
-        "duration_ms": meta.get("duration_ms"),
-        "chunk_count": record.chunk_count,
-        "prompt": meta.get("prompt"),
-        "model": meta.get("model"),
-        "preview": record.content[:160],
-        "error": record.error,
-    }
+def conversation_key(request: Any) -> str | None:
+    """The stream's key: the page's conversation id (``?conversation=``), so that a reloaded
+    page finds the answer still streaming (``GET /streams/?key=...&status=streaming``).
+    Anything else than a short id is not a key."""
+    value = request.query_params.get("conversation")
+    return value if isinstance(value, str) and _CONVERSATION.fullmatch(value) else None
+
+
+def authorize(request: Any, action: str, stream_id: str | None) -> bool:
+    """The streams app's hook (``action``: list, read, follow or cancel). The demo serves its
+    own machine, so only loopback clients may read, follow or stop recorded streams. A real
+    app checks the signed-in user here: recorded streams hold what your users typed, and a
+    stop request ends someone's answer."""
+    host = request.client.host if request.client is not None else ""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"

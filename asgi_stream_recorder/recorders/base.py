@@ -123,6 +123,13 @@ class Segment:
         if self.events is not None:
             self.events.append(event)
 
+    def clear(self) -> None:
+        """Empty it for reuse (its list is kept: no new object for the garbage collector)."""
+        self.seqs = array.array("q")
+        self.data.clear()
+        self.events = None
+        self.at_ms = array.array("d")
+
     def event_list(self) -> list[str | None]:
         return self.events if self.events is not None else [None] * len(self.data)
 

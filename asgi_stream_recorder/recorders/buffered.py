@@ -120,6 +120,9 @@ class BufferedWriter:
         # what the next batch will hold
         self._starts: list[StreamStart] = []
         self._segments: dict[str, Segment] = {}
+        # Segments of running streams, emptied after their batch was written, for their next
+        # batch: in a steady state queueing allocates no object the garbage collector tracks.
+        self._spare: dict[str, Segment] = {}
         self._ends: list[StreamEnd] = []
         self._batch_chunks = 0
         self._inflight: Batch | None = None  # the batch being written
@@ -198,9 +201,9 @@ class BufferedWriter:
             self._clear()
         lost = self.lost - lost_before
         if lost:
-            raise RecorderError(
-                f"{lost} queued records could not be written before close: {self.last_error!r}"
-            ) from self.last_error
+            why = repr(self.last_error) if self.last_error is not None else (
+                "the close was cut short (cancelled, or no time left) before they were written")
+            raise RecorderError(f"{lost} queued records could not be written before close: {why}") from self.last_error
 
     def _clear(self) -> None:
         self._starts, self._segments, self._ends = [], {}, []
@@ -229,7 +232,8 @@ class BufferedWriter:
             return False
         segment = self._segments.get(stream_id)
         if segment is None:
-            segment = self._segments[stream_id] = Segment(stream_id)
+            segment = self._spare.pop(stream_id, None) or Segment(stream_id)
+            self._segments[stream_id] = segment
         segment.add(seq, data, event, at_ms)
         self._chunks += 1
         self._chars += len(data)
@@ -326,6 +330,7 @@ class BufferedWriter:
                     self._written += n
                     self._chunks -= chunks
                     self._chars -= chars
+                    self._recycle(batch)
                     progress, self._progress = self._progress, anyio.Event()
                     assert progress is not None
                     progress.set()
@@ -336,6 +341,18 @@ class BufferedWriter:
             if self._progress is not None:
                 self._progress.set()
             self._done.set()
+
+    def _recycle(self, batch: Batch) -> None:
+        """Keep the written batch's segments of streams still running, emptied, for reuse."""
+        spare, current = self._spare, self._segments
+        for end in batch.ends:
+            spare.pop(end.id, None)
+        ended = {end.id for end in batch.ends} if batch.ends else ()
+        for segment in batch.segments:
+            sid = segment.stream_id
+            if sid not in ended and sid not in current:
+                segment.clear()
+                spare[sid] = segment
 
     async def _store(self, batch: Batch, *, whole: bool = True) -> None:
         """Write ``batch``, retrying transient failures; isolate and salvage permanent ones."""

@@ -9,6 +9,7 @@ and ``MemoryRecorder`` are recorders over their backends; any other backend is u
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any
@@ -181,7 +182,23 @@ class Recorder:
         if self.live.cancel(stream_id):
             return True
         await self.ensure_open()
-        return await self.backend.request_cancel(stream_id)
+        await self.settle(stream_id)  # a stream that just ended here: its end is written first
+        if await self.backend.request_cancel(stream_id):
+            return True
+        if await self.backend.get(stream_id) is None and await self.get_soon(stream_id) is not None:
+            return await self.backend.request_cancel(stream_id)  # it had only just started elsewhere
+        return False
+
+    async def get_soon(self, stream_id: str, timeout: float = 2.0) -> StreamRecord | None:
+        """The record, waiting up to ``timeout`` for one that was just started (perhaps in
+        another process, whose recorder has not written it yet); None if there is none."""
+        await self.settle(stream_id)
+        deadline = anyio.current_time() + timeout
+        while (record := await self.backend.get(stream_id)) is None:
+            if not _recent(stream_id) or anyio.current_time() >= deadline:
+                return None
+            await self.wait_for_change(min(0.1, max(deadline - anyio.current_time(), 0.0)))
+        return record
 
     def queued_chunks(self, stream_id: str) -> list[Chunk]:
         """The stream's chunks this recorder has queued but not yet stored."""
@@ -249,6 +266,15 @@ class Recorder:
     async def recover(self, is_orphan: Callable[[str], bool]) -> int:
         """End streams left ``streaming`` by dead processes as ``interrupted`` (chunks kept)."""
         return await self.backend.recover(is_orphan)
+
+
+def _recent(stream_id: str, window_ms: float = 10_000) -> bool:
+    """Whether an id made by ``new_stream_id`` (a millisecond clock prefix) is from the last few seconds."""
+    try:
+        created_ms = int(stream_id[:12], 16)
+    except ValueError:
+        return False
+    return abs(time.time() * 1000 - created_ms) < window_ms
 
 
 def _storable(metadata: dict[str, Any], stream_id: str, *, log_notes: bool) -> dict[str, Any]:

@@ -17,7 +17,7 @@ import sqlite3
 import sys
 import threading
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -410,17 +410,19 @@ def _freeze(con: sqlite3.Connection, end: StreamEnd) -> None:
     con.execute("DELETE FROM cancels WHERE stream_id = ?", (end.id,))
 
 
-def _segment_rows(segments: list[Segment]) -> list[tuple[Any, ...]]:
-    """Rows for the segments table: per stream, runs of consecutive seqs, as column arrays."""
-    rows: list[tuple[Any, ...]] = []
+def _segment_rows(segments: list[Segment]) -> Iterator[tuple[Any, ...]]:
+    """Rows for the segments table: per stream, runs of consecutive seqs, as column arrays.
+
+    Made one at a time as SQLite asks for them (and with no copy of a segment that is one
+    run, the usual case), so a batch of many streams never holds a row object per stream."""
     for seg in segments:
         seqs, data, at = seg.seqs, seg.data, seg.at_ms
         events = seg.events
         for lo, hi in seg.runs():
-            names = None if events is None else events[lo:hi]
-            rows.append((seg.stream_id, seqs[lo], seqs[hi - 1], _dumps(data[lo:hi]),
-                         _dumps(names) if names is not None and any(names) else None, _pack(at[lo:hi])))
-    return rows
+            whole = lo == 0 and hi == len(data)
+            names = None if events is None else (events if whole else events[lo:hi])
+            yield (seg.stream_id, seqs[lo], seqs[hi - 1], _dumps(data if whole else data[lo:hi]),
+                   _dumps(names) if names is not None and any(names) else None, _pack(at if whole else at[lo:hi]))
 
 
 def _chunks_of(con: sqlite3.Connection, stream_id: str, after: int) -> list[Chunk]:

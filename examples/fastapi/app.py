@@ -1,20 +1,21 @@
-"""The FastAPI chat example: a page, a recorded token stream (GET for EventSource, POST for
-fetch streaming) and the list of recent recorded streams."""
+"""The FastAPI chat example: a page, a recorded and resumable token stream (GET for
+EventSource, POST for fetch streaming), and the streams app (list, watch live, stop) at
+``/streams``."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
+from typing import Annotated
 
-from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi import FastAPI, Query
 from fastapi.responses import HTMLResponse
 from pydantic import BaseModel, Field
 
-from asgi_stream_recorder import SQLiteRecorder, recorded_stream
+from asgi_stream_recorder import SQLiteRecorder, recorded_stream, streams_app
 from asgi_stream_recorder.middleware import StreamRecorderMiddleware
 
-from ..common import Settings, Token, chat_page, generate, may_read_streams, stream_json
+from ..common import Settings, Token, authorize, chat_page, conversation_key, generate
 
 __all__ = ["ChatRequest", "create_app"]
 
@@ -37,35 +38,33 @@ def create_app(*, db_path: str | None = None, token_delay: float | None = None) 
     app = FastAPI(title="asgi_stream_recorder chat (FastAPI)", lifespan=lifespan)
     # Opens the recorder at startup and drains it at shutdown; decorated streams record into it.
     app.add_middleware(StreamRecorderMiddleware, recorder=recorder)
-    page = chat_page("FastAPI")
+    page = chat_page("FastAPI", settings.source)
 
     @app.get("/", response_class=HTMLResponse)
     async def index() -> str:
-        return page
+        return page  # also the watch page: /?watch=<stream id>
 
+    # resume=True: a browser that loses the connection reconnects with Last-Event-ID and gets
+    # the rest of the same answer (the generator is not called again); key=: the page's
+    # conversation id (?conversation=), to find an answer still streaming after a reload.
     @app.get("/api/chat")
-    @recorded_stream
+    @recorded_stream(resume=True, key=conversation_key)
     async def chat_get(
         prompt: Annotated[str, Query(min_length=1, max_length=4000)],
         max_tokens: int | None = None,
     ) -> AsyncIterator[Token]:
-        """For EventSource: ``GET /api/chat?prompt=...``."""
+        """For EventSource: ``GET /api/chat?prompt=...&conversation=...``."""
         async for token in generate(prompt, settings=settings, max_tokens=max_tokens):
             yield token
 
     @app.post("/api/chat")
-    @recorded_stream
+    @recorded_stream(resume=True, key=conversation_key)
     async def chat_post(body: ChatRequest) -> AsyncIterator[Token]:
-        """For fetch streaming: ``POST /api/chat`` with ``{"prompt": ..., "max_tokens": ...}``."""
+        """For fetch streaming: ``POST /api/chat?conversation=...`` with ``{"prompt": ..., "max_tokens": ...}``."""
         async for token in generate(body.prompt, settings=settings, max_tokens=body.max_tokens):
             yield token
 
-    @app.get("/api/streams")
-    async def streams(request: Request, limit: Annotated[int, Query(ge=1, le=100)] = 10) -> dict[str, Any]:
-        if not may_read_streams(request.client.host if request.client else None):
-            raise HTTPException(status_code=403, detail="not allowed to read recorded streams")
-        await recorder.flush()  # include what is still queued for the database
-        records = await recorder.list_streams(limit=limit)
-        return {"source": settings.source, "streams": [stream_json(r) for r in records]}
-
+    # GET /streams/?limit=, GET /streams/{id}, GET /streams/{id}/events (watch live, resume),
+    # POST /streams/{id}/cancel (the Stop button); loopback clients only (see common.authorize).
+    app.mount("/streams", streams_app(recorder=recorder, authorize=authorize))
     return app
