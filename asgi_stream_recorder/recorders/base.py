@@ -124,11 +124,11 @@ class Segment:
             self.events.append(event)
 
     def clear(self) -> None:
-        """Empty it for reuse (its list is kept: no new object for the garbage collector)."""
-        self.seqs = array.array("q")
+        """Empty it for reuse, in place: no new object for the garbage collector to track."""
+        del self.seqs[:]
         self.data.clear()
         self.events = None
-        self.at_ms = array.array("d")
+        del self.at_ms[:]
 
     def event_list(self) -> list[str | None]:
         return self.events if self.events is not None else [None] * len(self.data)

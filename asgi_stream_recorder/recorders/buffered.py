@@ -122,7 +122,7 @@ class BufferedWriter:
         self._segments: dict[str, Segment] = {}
         # Segments of running streams, emptied after their batch was written, for their next
         # batch: in a steady state queueing allocates no object the garbage collector tracks.
-        self._spare: dict[str, Segment] = {}
+        self._spare: dict[str, list[Segment]] = {}
         self._ends: list[StreamEnd] = []
         self._batch_chunks = 0
         self._inflight: Batch | None = None  # the batch being written
@@ -232,7 +232,8 @@ class BufferedWriter:
             return False
         segment = self._segments.get(stream_id)
         if segment is None:
-            segment = self._spare.pop(stream_id, None) or Segment(stream_id)
+            spare = self._spare.get(stream_id)
+            segment = spare.pop() if spare else Segment(stream_id)
             self._segments[stream_id] = segment
         segment.add(seq, data, event, at_ms)
         self._chunks += 1
@@ -343,16 +344,21 @@ class BufferedWriter:
             self._done.set()
 
     def _recycle(self, batch: Batch) -> None:
-        """Keep the written batch's segments of streams still running, emptied, for reuse."""
-        spare, current = self._spare, self._segments
+        """Keep the written batch's segments of streams still running, emptied, for their next
+        batch (a stream alternates between two: one filling while the other is written)."""
+        spares = self._spare
         for end in batch.ends:
-            spare.pop(end.id, None)
+            spares.pop(end.id, None)
         ended = {end.id for end in batch.ends} if batch.ends else ()
         for segment in batch.segments:
             sid = segment.stream_id
-            if sid not in ended and sid not in current:
+            if sid not in ended:
                 segment.clear()
-                spare[sid] = segment
+                spare = spares.get(sid)
+                if spare is None:
+                    spares[sid] = [segment]
+                elif len(spare) < 2:
+                    spare.append(segment)
 
     async def _store(self, batch: Batch, *, whole: bool = True) -> None:
         """Write ``batch``, retrying transient failures; isolate and salvage permanent ones."""
