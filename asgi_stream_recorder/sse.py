@@ -11,8 +11,8 @@ middleware, which records undecorated SSE from the wire, and by the testing clie
 
 from __future__ import annotations
 
+import codecs
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +20,11 @@ __all__ = ["PING", "SSEParser", "ServerSentEvent", "encode", "encode_data", "to_
 
 #: A keep-alive comment: it resets proxies' idle timers and is invisible to clients.
 PING = b": ping\n\n"
+
+#: The largest ``retry`` (milliseconds) sent or taken: a browser keeps the reconnection time in
+#: 64 bits and ignores a value that overflows them.
+_MAX_RETRY = 2**64 - 1
+_MAX_RETRY_DIGITS = len(str(_MAX_RETRY))
 
 
 def to_text(data: Any) -> str:
@@ -46,10 +51,9 @@ def to_text(data: Any) -> str:
     )
 
 
-def _single_line(name: str, value: str) -> str:
+def _single_line(name: str, value: str) -> None:
     if "\n" in value or "\r" in value:
         raise ValueError(f"SSE field {name!r} must not contain CR or LF: {value!r}")
-    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +62,7 @@ class ServerSentEvent:
 
     Fields are checked here, once, so an invalid event never reaches the wire: ``event``
     and ``id`` may not hold CR or LF (``id`` may not hold NUL either: clients ignore it),
-    and ``retry`` is a non-negative whole number of milliseconds.
+    and ``retry`` is a whole number of milliseconds from 0 to 2**64 - 1.
     """
 
     data: Any = None
@@ -81,9 +85,11 @@ class ServerSentEvent:
                 raise ValueError(f"SSE field 'id' must not contain NUL: {id_!r}")
             object.__setattr__(self, "id", id_)
         if self.retry is not None and (
-            isinstance(self.retry, bool) or not isinstance(self.retry, int) or self.retry < 0
+            isinstance(self.retry, bool) or not isinstance(self.retry, int) or not 0 <= self.retry <= _MAX_RETRY
         ):
-            raise ValueError(f"SSE field 'retry' must be a non-negative int (milliseconds), not {self.retry!r}")
+            raise ValueError(
+                f"SSE field 'retry' must be an int (milliseconds) from 0 to 2**64 - 1, not {self.retry!r}"
+            )
         if self.comment is not None and not isinstance(self.comment, str):
             raise TypeError(f"comment must be str, not {type(self.comment).__name__}")
         if self.data is not None:
@@ -130,21 +136,27 @@ def encode(event: ServerSentEvent) -> bytes:
 class SSEParser:
     """Incremental ``text/event-stream`` parser: feed bytes as they arrive, get whole events.
 
-    Handles events split across reads, CR/LF/CRLF line endings (a CR at the end of one
-    read and an LF at the start of the next count as one line break), a leading BOM,
-    comments (counted in ``comments``, not returned) and the id/retry rules of the spec.
-    Each event's ``id`` is the id field set within that event, if any; ``last_event_id``
-    is the id a browser would send on reconnect.
+    Follows the WHATWG rules, and gives the same result however the bytes are split into
+    reads: the stream is decoded as one UTF-8 stream (invalid bytes become U+FFFD, one
+    leading BOM is dropped), lines end at CR, LF or CRLF (also when the CR ends one read and
+    the LF starts the next), comments are counted in ``comments`` and not returned, and an
+    event without data is not returned.
+
+    Each event's ``id`` is the id field set within that event, if any. ``last_event_id`` is
+    the id a browser would send on reconnect: like a browser's, it only changes when an
+    event block is dispatched by its blank line (also a block with an id and no data), so
+    the id of an event cut off before its blank line is never taken. ``retry`` is the last
+    reconnection time received; like a browser's it changes as soon as its line arrives.
     """
 
     def __init__(self) -> None:
-        self._buffer = ""
-        self._decoder_tail = b""
-        self._started = False
-        self._pending_cr = False
+        self._decode = codecs.getincrementaldecoder("utf-8")(errors="replace").decode
+        self._started = False  # the first character of the stream has been seen (BOM check done)
+        self._pending_cr = False  # the last line ended with a CR: an LF right after it belongs to it
+        self._partial: list[str] = []  # pieces of a line whose end has not arrived yet
         self._data: list[str] = []
         self._event: str | None = None
-        self._id: str | None = None
+        self._id: str | None = None  # the id set in the current block (the spec's last event ID buffer)
         self._retry: int | None = None
         self.last_event_id = ""
         self.retry: int | None = None
@@ -152,49 +164,45 @@ class SSEParser:
 
     def feed(self, chunk: bytes) -> list[ServerSentEvent]:
         """Consume bytes and return the events completed by them, in order."""
-        raw = self._decoder_tail + chunk
-        try:
-            text = raw.decode("utf-8")
-            self._decoder_tail = b""
-        except UnicodeDecodeError as exc:
-            if exc.start >= len(raw) - 3 and exc.reason == "unexpected end of data":
-                text = raw[: exc.start].decode("utf-8")
-                self._decoder_tail = raw[exc.start :]
-            else:
-                text = raw.decode("utf-8", errors="replace")
-                self._decoder_tail = b""
-        if not self._started and text:
-            self._started = True
-            if text.startswith("\ufeff"):
-                text = text[1:]
-        if not text:  # an empty read (or only part of a character): a pending CR still waits for its LF
+        text = self._decode(chunk)
+        if not text:  # an empty read, or part of a character: a pending CR still waits for its LF
             return []
-        if self._pending_cr and text.startswith("\n"):
-            text = text[1:]
-        self._pending_cr = False
-        return list(self._consume(self._buffer + text))
-
-    def _consume(self, text: str) -> Iterator[ServerSentEvent]:
+        if not self._started:
+            self._started = True
+            if text[0] == "\ufeff":
+                text = text[1:]
+        elif self._pending_cr:
+            self._pending_cr = False
+            if text[0] == "\n":
+                text = text[1:]
+        events: list[ServerSentEvent] = []
         start = 0
         n = len(text)
         while start < n:
             lf = text.find("\n", start)
-            cr = text.find("\r", start, lf if lf >= 0 else n)
+            end = lf if lf >= 0 else n
+            cr = text.find("\r", start, end)
             if cr >= 0:
                 end, nxt = cr, cr + 1
-                if nxt < n and text[nxt] == "\n":
-                    nxt += 1
-                elif nxt == n:
+                if nxt == n:
                     self._pending_cr = True
+                elif text[nxt] == "\n":
+                    nxt += 1
             elif lf >= 0:
-                end, nxt = lf, lf + 1
+                nxt = lf + 1
             else:
+                self._partial.append(text[start:])
                 break
-            event = self._line(text[start:end])
+            line = text[start:end]
+            if self._partial:
+                self._partial.append(line)
+                line = "".join(self._partial)
+                self._partial.clear()
+            event = self._line(line)
             if event is not None:
-                yield event
+                events.append(event)
             start = nxt
-        self._buffer = text[start:]
+        return events
 
     def _line(self, line: str) -> ServerSentEvent | None:
         if not line:
@@ -202,8 +210,8 @@ class SSEParser:
         if line[0] == ":":
             self.comments += 1
             return None
-        name, colon, value = line.partition(":")
-        if colon and value.startswith(" "):
+        name, _, value = line.partition(":")
+        if value[:1] == " ":
             value = value[1:]
         if name == "data":
             self._data.append(value)
@@ -212,15 +220,30 @@ class SSEParser:
         elif name == "id":
             if "\0" not in value:
                 self._id = value
-                self.last_event_id = value
         elif name == "retry":
-            if value.isascii() and value.isdigit():
-                self._retry = self.retry = int(value)
+            retry = _retry_value(value)
+            if retry is not None:
+                self._retry = self.retry = retry
         return None
 
     def _dispatch(self) -> ServerSentEvent | None:
         data, event, id_, retry = self._data, self._event, self._id, self._retry
         self._data, self._event, self._id, self._retry = [], None, None, None
+        if id_ is not None:  # first, and whether or not the block has data (WHATWG "dispatch the event")
+            self.last_event_id = id_
         if not data:
             return None
         return ServerSentEvent("\n".join(data), event=event or None, id=id_, retry=retry)
+
+
+def _retry_value(value: str) -> int | None:
+    """The reconnection time a ``retry`` field gives, or None if the field is to be ignored:
+    not only ASCII digits (empty, a sign, spaces), or above 2**64 - 1 (checked on the digit
+    count first, so thousands of digits cost nothing)."""
+    if not (value.isascii() and value.isdigit()):
+        return None
+    digits = value.lstrip("0")
+    if len(digits) > _MAX_RETRY_DIGITS:
+        return None
+    retry = int(digits) if digits else 0
+    return retry if retry <= _MAX_RETRY else None

@@ -28,6 +28,18 @@ __all__ = ["WireTap"]
 Spawn = Callable[[Callable[[], Awaitable[None]]], None]
 
 
+def ends_event(tail: bytes) -> bool:
+    """Whether bytes sent so far end with a blank line (any mix of CR, LF, CRLF): a keep-alive
+    comment may then go in without splitting an event."""
+    if tail.endswith(b"\r\n"):
+        tail = tail[:-2]
+    elif tail.endswith((b"\n", b"\r")):
+        tail = tail[:-1]
+    else:
+        return False
+    return tail.endswith((b"\n", b"\r"))
+
+
 class WireTap:
     """See the module docstring. ``spawn`` starts a task in the middleware's task group (None
     when the server runs no lifespan: the request then opens a task group of its own)."""
@@ -56,6 +68,7 @@ class WireTap:
         self._watch_scope: anyio.CancelScope | None = None
         self._done = False
         self._tg: anyio.abc.TaskGroup | None = None
+        self._tail = b""  # the last bytes sent, to know whether they end between events
 
     async def run(self, app: ASGIApp) -> None:
         if self.spawn is not None:
@@ -131,7 +144,8 @@ class WireTap:
         elif driver is not None:
             body = message.get("body", b"")
             if body:
-                driver.at_boundary = body.endswith((b"\n\n", b"\r\n\r\n", b"\r\r"))
+                self._tail = (self._tail + body)[-4:]
+                driver.at_boundary = ends_event(self._tail)
             if self.parser is not None:
                 await self._tap(body)
             if not message.get("more_body", False):

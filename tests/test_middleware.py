@@ -368,3 +368,15 @@ async def test_idle_undecorated_stream_gets_pings_between_events_that_are_not_re
     assert head.startswith("data: one\n\n") and head.count(": ping\n\n") >= 2
     assert tail == "\n", "nothing may be sent inside an unfinished event"
     assert [c.data for c in chunks] == ["one", "two"] and record.status is StreamStatus.COMPLETED
+
+
+@pytest.mark.parametrize(
+    ("tail", "between_events"),
+    [(b"a\n\n", True), (b"\r\n\r\n", True), (b"a\n\r\n", True), (b"a\r\n\n", True), (b"a\r\r", True),
+     (b"\r\r\n", True), (b"a: b\r\n", False), (b"a: b\n", False), (b"a: b\r", False), (b"data", False), (b"", False)],
+)
+def test_a_ping_goes_in_only_after_a_blank_line_of_any_line_ending(tail: bytes, between_events: bool) -> None:
+    """An undecorated stream's keep-alive must never split an event, whatever its line endings."""
+    from asgi_stream_recorder.wiretap import ends_event
+
+    assert ends_event(tail) is between_events
