@@ -257,11 +257,12 @@ class StreamDriver:
         custom_wire = type(wire) is not WireFormat
         record_nowait = session.record_nowait
         prefix = session.id_prefix
+        next_item = source.__anext__
         while True:
             if self.client_gone and not self.continues:  # seen by the watch (a busy source may not yield to it)
                 return
             try:
-                item = await anext(source)
+                item = await next_item()
             except StopAsyncIteration:
                 self.exhausted = True
                 return

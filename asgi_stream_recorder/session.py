@@ -66,7 +66,7 @@ class StreamSession:
     __slots__ = (
         "id", "metadata", "recorder", "status", "error", "seq", "count", "char_count", "dropped",
         "ttft_ms", "client_left_ms", "text_event", "created_at", "completed_at", "key", "format", "id_prefix",
-        "live", "path", "_t0", "_at_ms", "_method", "_token", "_put", "_text", "_last_at", "_waits",
+        "live", "path", "_followers", "_t0", "_at_ms", "_method", "_token", "_put", "_text", "_last_at", "_waits",
     )
 
     def __init__(
@@ -91,6 +91,7 @@ class StreamSession:
         #: what goes before the seq in an event's ``id``: ``"<stream_id>:"`` for resumable streams
         self.id_prefix = f"{self.id}:" if resumable else ""
         self.live: LiveStream | None = None
+        self._followers: list[Any] = []  # the live stream's followers (the same list), once begun
         self._text: list[str] = []  # the recorded text, so the end needs no read-back
         self.metadata: dict[str, Any] = dict(metadata or {})
         self.text_event = text_event
@@ -137,6 +138,7 @@ class StreamSession:
             )
         )
         self.live = self.recorder.live.open(self.id, self.key, self)
+        self._followers = self.live.followers
         self.recorder.stream_started()
         self._token = _current.set(self)
 
@@ -157,9 +159,9 @@ class StreamSession:
         """Hand the chunk last stamped to its followers and the recorder's queue. False only
         when the queue is full and the recorder's policy is to wait: then ``await record_waiting``.
         (A full queue otherwise drops the chunk and counts it in ``metadata["dropped_chunks"]``.)"""
-        live = self.live
-        if live is not None and live.followers:
-            live.publish(self.seq, data, event, self._at_ms)
+        if self._followers:
+            assert self.live is not None
+            self.live.publish(self.seq, data, event, self._at_ms)
         if self._put(self.id, self.seq, data, event, self._at_ms):
             self.count += 1
             self.char_count += len(data)

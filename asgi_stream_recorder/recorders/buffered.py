@@ -235,7 +235,12 @@ class BufferedWriter:
             spare = self._spare.get(stream_id)
             segment = spare.pop() if spare else Segment(stream_id)
             self._segments[stream_id] = segment
-        segment.add(seq, data, event, at_ms)
+        if event is None and segment.events is None:  # the common case: Segment.add, inlined
+            segment.seqs.append(seq)
+            segment.data.append(data)
+            segment.at_ms.append(at_ms)
+        else:
+            segment.add(seq, data, event, at_ms)
         self._chunks += 1
         self._chars += len(data)
         self._queued += 1
