@@ -118,7 +118,10 @@ def streams_app(*, recorder: Recorder | None = None, authorize: Authorize | None
                 raise ValueError(f"limit must be from 1 to {_MAX_LIMIT}")
         except ValueError as exc:
             return PlainTextResponse(str(exc), 400)
-        records = await rec.list_streams(status, limit, key=query.get("key") or None)
+        key = query.get("key") or None
+        if key is not None and (live := rec.live.by_key(key)) is not None:
+            await rec.settle(live.stream_id)  # a stream of this process that just began: write its start first
+        records = await rec.list_streams(status, limit, key=key)
         return JSONResponse([record_json(r, content=False) for r in records])
 
     async def read(request: Request, rec: Recorder) -> Response:

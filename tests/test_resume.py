@@ -1349,3 +1349,25 @@ async def test_a_follower_of_another_recorder_does_not_run_recovery_at_every_cha
                 elapsed = anyio.current_time() - started
     assert seqs == list(range(1, n + 1))
     assert recoveries <= 2 + elapsed / 2.0, f"{recoveries} recoveries while following for {elapsed:.2f}s"
+
+
+async def test_listing_by_key_finds_a_stream_begun_here_before_its_first_flush(tmp_path: Path) -> None:
+    """A reloaded chat page asks for its conversation's active stream at once: a stream this
+    process began a moment ago is listed even though the writer has not flushed it yet."""
+    recorder = SQLiteRecorder(tmp_path / "streams.db", flush_interval=10)
+    release = anyio.Event()
+
+    @recorded_stream(recorder=recorder, key="conv-1")
+    async def chat(request: Request) -> AsyncIterator[str]:
+        yield "first"
+        await release.wait()
+
+    app = Starlette(routes=[Route("/chat", chat), Mount("/streams", streams_app(recorder=recorder))])
+    async with recorder, serve(app) as url, httpx.AsyncClient(timeout=10) as client:
+        async with aconnect_sse(client, "GET", f"{url}/chat") as source:
+            sid = source.response.headers["x-stream-id"]
+            async for _ in source.aiter_sse():
+                break
+            listed = (await client.get(f"{url}/streams/", params={"key": "conv-1", "status": "streaming"})).json()
+            release.set()
+    assert [row["id"] for row in listed] == [sid]
