@@ -113,7 +113,9 @@ class RecordedStreamResponse(Response):
         self.stream_id = stream_id or new_stream_id()
         self.status_code = status_code
         self.background = background
-        self.init_headers({**SSE_HEADERS, **(headers or {}), "x-stream-id": self.stream_id})
+        # Header names are case-insensitive: a user's "Cache-Control" replaces ours, never doubles it.
+        user = {name.lower(): value for name, value in (headers or {}).items()}
+        self.init_headers({**SSE_HEADERS, **user, "x-stream-id": self.stream_id})
         self._source: AsyncIterator[Any] = aiter(content)
 
     def _start_message(self, scope: Scope) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from asgi_stream_recorder import MemoryRecorder, RecordedStreamResponse, SQLiteR
 from asgi_stream_recorder.middleware import StreamRecorderMiddleware
 from asgi_stream_recorder.response import SCOPE_KEY
 from asgi_stream_recorder.sse import ServerSentEvent, SSEParser
+from asgi_stream_recorder.testing import sse_client
 
 from .servers import serve
 
@@ -352,3 +353,19 @@ async def test_fastapi_body_model_with_future_annotations() -> None:
     assert record is not None and record.status is StreamStatus.COMPLETED
     assert record.content == "echo echo echo /complete"
     assert record.metadata["route"] == "complete" and record.method == "POST"
+
+
+async def test_a_user_header_in_another_case_replaces_ours_instead_of_doubling_it() -> None:
+    """Header names are case-insensitive: ``Cache-Control`` given by the user is sent once."""
+    recorder = MemoryRecorder()
+
+    @recorded_stream(recorder=recorder, headers={"Cache-Control": "no-store", "X-Accel-Buffering": "yes"})
+    async def endpoint(request: Request) -> AsyncIterator[str]:
+        yield "x"
+
+    async with sse_client(Starlette(routes=[Route("/s", endpoint)])) as client:
+        async with client.stream("GET", "/s") as s:
+            await s.collect()
+            headers = s.headers
+    assert headers.getlist("cache-control") == ["no-store"]
+    assert headers.getlist("x-accel-buffering") == ["yes"]
