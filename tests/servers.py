@@ -76,3 +76,20 @@ async def _hypercorn(app: Any) -> AsyncIterator[str]:
             yield f"http://127.0.0.1:{port}"
         finally:
             stop.set()
+
+
+async def wait_until_answering(proc: Any, url: str, log: Any, name: str, timeout: float = 15) -> None:
+    """Poll ``url``/health until a server subprocess answers 200; fail with its output if it exits."""
+    import httpx
+
+    with anyio.fail_after(timeout):
+        async with httpx.AsyncClient(timeout=2) as client:
+            while True:
+                if proc.returncode is not None:
+                    raise AssertionError(f"{name} exited with {proc.returncode}:\n{log.read_text(errors='replace')}")
+                try:
+                    if (await client.get(f"{url}/health")).status_code == 200:
+                        return
+                except httpx.TransportError:
+                    pass
+                await anyio.sleep(0.05)

@@ -35,7 +35,7 @@ from httpx_sse import aconnect_sse
 from asgi_stream_recorder import StreamStatus
 
 from .apps.streaming_app import token
-from .servers import free_port
+from .servers import free_port, wait_until_answering
 from .test_shutdown import Received, assert_shutdown_event, read_records
 
 pytestmark = [pytest.mark.anyio, pytest.mark.parametrize("anyio_backend", ["asyncio"])]
@@ -72,17 +72,7 @@ async def hypercorn_cli(tmp_path: Path, db: Path, *args: str) -> AsyncIterator[S
                                         start_new_session=True)
     server = Server(proc, f"http://127.0.0.1:{port}", log)
     try:
-        with anyio.fail_after(20):
-            async with httpx.AsyncClient(timeout=2) as client:
-                while True:
-                    if proc.returncode is not None:
-                        raise AssertionError(f"hypercorn exited with {proc.returncode}:\n{server.output()}")
-                    try:
-                        if (await client.get(f"{server.url}/health")).status_code == 200:
-                            break
-                    except httpx.TransportError:
-                        pass
-                    await anyio.sleep(0.05)
+        await wait_until_answering(proc, server.url, server.log, "hypercorn", timeout=20)
         yield server
     finally:
         with anyio.CancelScope(shield=True), anyio.fail_after(10):

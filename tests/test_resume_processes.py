@@ -32,7 +32,7 @@ from asgi_stream_recorder import Chunk, SQLiteRecorder, StreamRecord, StreamStat
 from asgi_stream_recorder.sse import ServerSentEvent
 
 from .apps.resume_app import token
-from .servers import free_port
+from .servers import free_port, wait_until_answering
 from .test_resume import Wire, assert_final, connect, seq_of
 from .test_shutdown import AppProcess
 
@@ -62,17 +62,7 @@ async def app_process(tmp_path: Path, db: Path, name: str, **env: str) -> AsyncI
         proc = await anyio.open_process(args, cwd=ROOT, env=environ, stdout=out, stderr=subprocess.STDOUT)
     server = AppProcess(proc, f"http://127.0.0.1:{port}", log)
     try:
-        with anyio.fail_after(15):
-            async with httpx.AsyncClient(timeout=2) as client:
-                while True:
-                    if proc.returncode is not None:
-                        raise AssertionError(f"{name} exited with {proc.returncode}:\n{server.output()}")
-                    try:
-                        if (await client.get(f"{server.url}/health")).status_code == 200:
-                            break
-                    except httpx.TransportError:
-                        pass
-                    await anyio.sleep(0.05)
+        await wait_until_answering(proc, server.url, server.log, name, timeout=15)
         yield server
     finally:
         with anyio.CancelScope(shield=True), anyio.fail_after(10):

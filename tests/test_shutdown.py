@@ -33,7 +33,7 @@ from httpx_sse import ServerSentEvent, aconnect_sse
 from asgi_stream_recorder import Chunk, SQLiteRecorder, StreamRecord, StreamStatus
 
 from .apps.streaming_app import create_app, token
-from .servers import free_port, serve
+from .servers import free_port, serve, wait_until_answering
 
 pytestmark = pytest.mark.anyio
 
@@ -98,17 +98,7 @@ async def app_process(
         proc = await anyio.open_process(args, cwd=ROOT, env=environ, stdout=out, stderr=subprocess.STDOUT)
     server = AppProcess(proc, f"http://127.0.0.1:{port}", log)
     try:
-        with anyio.fail_after(15):
-            async with httpx.AsyncClient(timeout=2) as client:
-                while True:
-                    if proc.returncode is not None:
-                        raise AssertionError(f"the server exited with {proc.returncode}:\n{server.output()}")
-                    try:
-                        if (await client.get(f"{server.url}/health")).status_code == 200:
-                            break
-                    except httpx.TransportError:
-                        pass
-                    await anyio.sleep(0.05)
+        await wait_until_answering(proc, server.url, server.log, "the server", timeout=15)
         yield server
     finally:
         with anyio.CancelScope(shield=True), anyio.fail_after(10):
