@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from .app import stream_app
 from .decorator import recorded_stream
 from .join import join_response
@@ -19,8 +21,13 @@ from .recorders import (
     StreamRecord,
     StreamStatus,
     default_recorder,
+    open_recorder,
 )
 from .response import RecordedStreamResponse
+
+if TYPE_CHECKING:
+    from .recorders.postgres import PostgresRecorder
+    from .recorders.redis import RedisRecorder
 from .session import StreamSession, current_stream
 from .sse import ServerSentEvent, SSEParser, encode
 from .streams import streams_app
@@ -30,10 +37,12 @@ __all__ = [
     "Chunk",
     "MemoryBackend",
     "MemoryRecorder",
+    "PostgresRecorder",
     "RecordedStreamResponse",
     "Recorder",
     "RecorderError",
     "RecorderTimeout",
+    "RedisRecorder",
     "SQLiteBackend",
     "SQLiteRecorder",
     "SSEParser",
@@ -46,9 +55,19 @@ __all__ = [
     "default_recorder",
     "encode",
     "join_response",
+    "open_recorder",
     "recorded_stream",
     "stream_app",
     "streams_app",
 ]
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    # PostgreSQL and Redis recorders are imported on first use (their drivers are optional extras).
+    if name in ("PostgresRecorder", "RedisRecorder"):
+        from . import recorders
+
+        return getattr(recorders, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

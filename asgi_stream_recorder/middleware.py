@@ -28,7 +28,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .app import answer_lifespan
 from .driver import StreamDriver
 from .recorders import Recorder, default_recorder
-from .recorders.base import is_orphan
 from .recorders.buffered import RecorderError
 from .response import SCOPE_KEY
 from .signals import listen_for_shutdown
@@ -70,7 +69,7 @@ class StreamRecorderMiddleware:
     their client left; past that they are cancelled (and recorded so).
     ``shutdown_timeout``: the deadline of the whole shutdown: ending the streams, then
     draining the recorder (what cannot be written by then is logged as lost).
-    ``recover``: mark orphans of dead local processes at startup.
+    ``recover``: at startup, end streams whose process's lease ran out (see ``Recorder(lease=)``).
     ``handle_signals``: chain SIGTERM/SIGINT to learn of a shutdown early.
     """
 
@@ -181,16 +180,14 @@ class StreamRecorderMiddleware:
             self._restore_signals = listen_for_shutdown(self, self.begin_shutdown)
         if self.recover:
             await self.recorder.ensure_open()
-            await self.recorder.recover(is_orphan)
+            await self.recorder.recover()
 
     async def _startup(self) -> None:
         self._lifespan_seen = True
         self.shutting_down = False
         await self.recorder.open()
         if self.recover:
-            marked = await self.recorder.recover(is_orphan)
-            if marked:
-                log.warning("asgi_stream_recorder: marked %d streams of dead processes as interrupted", marked)
+            await self.recorder.recover()
         if self.handle_signals:
             self._restore_signals = listen_for_shutdown(self, self.begin_shutdown)
 

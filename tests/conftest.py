@@ -24,3 +24,18 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     if NO_SKIP and report.skipped and not hasattr(report, "wasxfail"):
         report.outcome = "failed"
         report.longrepr = f"skipped under CI, which requires everything to run: {report.longrepr}"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """asyncpg and redis-py run on asyncio only: a test on those backends runs on asyncio (under
+    trio they refuse with a clear error, tested in ``test_postgres.py`` and ``test_redis.py``)."""
+    from tests.backends import ASYNCIO_ONLY
+
+    kept, dropped = [], []
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        on_trio = params.get("anyio_backend") == "trio"
+        (dropped if on_trio and params.get("kind") in ASYNCIO_ONLY else kept).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept

@@ -7,7 +7,9 @@ import enum
 import itertools
 import logging
 import sqlite3
-from collections.abc import AsyncIterator, Callable
+import time
+import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -15,15 +17,14 @@ import anyio
 import anyio.lowlevel
 import pytest
 
-from asgi_stream_recorder import MemoryRecorder, Recorder, RecorderError, SQLiteRecorder, StreamStatus
-from asgi_stream_recorder.recorders import Backend, MemoryBackend, SQLiteBackend
-from asgi_stream_recorder.recorders.base import Batch, Chunk, StreamRecord, process_owner
+from asgi_stream_recorder import Recorder, RecorderError, SQLiteRecorder, StreamStatus
+from asgi_stream_recorder.recorders import Backend
+from asgi_stream_recorder.recorders.base import Batch, Chunk, StreamEnd, StreamRecord, StreamStart
 from asgi_stream_recorder.recorders.sqlite import SCHEMA_VERSION
 from asgi_stream_recorder.session import StreamSession
+from tests.backends import BACKENDS, Place, require
 
 pytestmark = pytest.mark.anyio
-
-BACKENDS = ["memory", "sqlite"]
 
 
 class Ending(enum.Enum):
@@ -69,19 +70,23 @@ class Layer(Backend):
     async def chunks(self, stream_id: str, after: int = 0) -> list[Chunk]:
         return await self.inner.chunks(stream_id, after)
 
-    async def list_streams(self, status: StreamStatus | str | None = None, limit: int = 100) -> list[StreamRecord]:
-        return await self.inner.list_streams(status, limit)
+    async def list_streams(
+        self, status: StreamStatus | str | None = None, limit: int = 100, key: str | None = None
+    ) -> list[StreamRecord]:
+        return await self.inner.list_streams(status, limit, key)
 
-    async def recover(self, is_orphan: Callable[[str], bool]) -> int:
-        return await self.inner.recover(is_orphan)
+    async def heartbeat(self, owner: str, at: float) -> None:
+        await self.inner.heartbeat(owner, at)
+
+    async def recover(self, stale_before: float) -> int:
+        return await self.inner.recover(stale_before)
 
 
-def make(kind: str, tmp_path: Path, layer: type[Layer] | None = None, **options: Any) -> Recorder:
-    """A recorder of ``kind``; ``layer`` puts a deliberately faulty backend in front of the real one."""
+def make(place: Place, layer: type[Layer] | None = None, **options: Any) -> Recorder:
+    """A recorder on ``place``; ``layer`` puts a deliberately faulty backend in front of the real one."""
     if layer is None:
-        return MemoryRecorder(**options) if kind == "memory" else SQLiteRecorder(tmp_path / "streams.db", **options)
-    inner: Backend = MemoryBackend() if kind == "memory" else SQLiteBackend(tmp_path / "streams.db")
-    return Recorder(layer(inner), **options)
+        return place.recorder(**options)
+    return Recorder(layer(place.backend()), **options)
 
 
 @pytest.fixture(params=BACKENDS)
@@ -90,8 +95,18 @@ def kind(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-async def recorder(kind: str, tmp_path: Path) -> AsyncIterator[Recorder]:
-    rec = make(kind, tmp_path)
+async def place(kind: str, tmp_path: Path) -> AsyncIterator[Place]:
+    require(kind)
+    where = Place(kind, tmp_path)
+    try:
+        yield where
+    finally:
+        await where.remove()
+
+
+@pytest.fixture
+async def recorder(place: Place) -> AsyncIterator[Recorder]:
+    rec = make(place)
     async with rec:
         yield rec
 
@@ -214,9 +229,9 @@ async def test_streaming_record_shows_what_is_written_so_far(recorder: Recorder)
     end(session, Ending.EXHAUSTED)
 
 
-async def test_flush_makes_everything_durable(kind: str, tmp_path: Path) -> None:
+async def test_flush_makes_everything_durable(place: Place) -> None:
     # a long interval and a big batch: only flush() can have written it
-    rec = make(kind, tmp_path, flush_interval=60, batch_size=100_000)
+    rec = make(place, flush_interval=60, batch_size=100_000)
     async with rec:
         session = await run_stream(rec, [str(i) for i in range(100)])
         with anyio.fail_after(5):
@@ -224,8 +239,17 @@ async def test_flush_makes_everything_durable(kind: str, tmp_path: Path) -> None
         assert rec.stats["pending"] == 0
         record = await rec.get(session.id)
         assert record is not None and record.status is StreamStatus.COMPLETED and record.chunk_count == 100
-        if kind == "sqlite":  # visible to any other connection, i.e. committed
-            with sqlite3.connect(tmp_path / "streams.db") as con:
+        other = place.backend()  # visible to any other connection, i.e. committed
+        await other.connect()
+        try:
+            seen = await other.get(session.id)
+            assert seen is not None and (seen.status, seen.chunk_count) == (StreamStatus.COMPLETED, 100)
+            assert len(await other.chunks(session.id)) == 100
+        finally:
+            if other is not rec.backend:
+                await other.close()
+        if place.kind == "sqlite":
+            with sqlite3.connect(place.tmp_path / "streams.db") as con:
                 assert con.execute("SELECT count(*) FROM chunks WHERE stream_id = ?", (session.id,)).fetchone() == (
                     100,
                 )
@@ -234,28 +258,61 @@ async def test_flush_makes_everything_durable(kind: str, tmp_path: Path) -> None
                 )
 
 
-async def test_flush_on_a_recorder_never_opened_raises(kind: str, tmp_path: Path) -> None:
-    rec = make(kind, tmp_path)
+async def test_flush_on_a_recorder_never_opened_raises(place: Place) -> None:
+    rec = make(place)
     StreamSession(rec).begin()
     with pytest.raises(RecorderError, match="open"), anyio.fail_after(5):
         await rec.flush()
 
 
-# -- SQLite specifics ---------------------------------------------------------------------------------
+async def test_list_streams_by_key(recorder: Recorder) -> None:
+    mine = []
+    for i in range(3):
+        session = StreamSession(recorder, key="conv-1" if i != 1 else "conv-2")
+        session.begin()
+        await add(session, f"t{i}")
+        end(session, Ending.EXHAUSTED if i else Ending.RAISED)
+        if i != 1:
+            mine.append(session.id)
+        await anyio.sleep(0.002)
+    await recorder.flush()
+    assert [r.id for r in await recorder.list_streams(key="conv-1")] == mine[::-1]
+    assert [r.id for r in await recorder.list_streams(key="conv-1", limit=1)] == mine[-1:]
+    assert [r.id for r in await recorder.list_streams("failed", key="conv-1")] == mine[:1]
+    assert [r.id for r in await recorder.list_streams("failed", key="conv-2")] == []
+    assert await recorder.list_streams(key="nobody") == []
+    assert all(r.key == "conv-1" for r in await recorder.list_streams(key="conv-1"))
 
 
-async def test_sqlite_survives_close_and_reopen(tmp_path: Path) -> None:
-    path = tmp_path / "db" / "streams.db"  # the directory is created too
-    async with SQLiteRecorder(path) as first:
+async def test_survives_close_and_reopen(place: Place) -> None:
+    async with make(place) as first:
         session = await run_stream(first, ["dur", "able"], metadata={"user": "u1"})
-    async with SQLiteRecorder(path) as second:
+        live = StreamSession(first, key="k", format="sse")
+        live.begin()
+        await add(live, "so far")
+    async with make(place) as second:
         record = await second.get(session.id)
         chunks = await second.chunks(session.id)
+        still = await second.get(live.id)
     assert record is not None
     assert (record.status, record.content, record.chunk_count, record.metadata["user"]) == (
         StreamStatus.COMPLETED, "durable", 2, "u1",
     )
     assert [c.data for c in chunks] == ["dur", "able"]
+    assert still is not None and (still.status, still.content, still.key, still.format) == (
+        StreamStatus.STREAMING, "so far", "k", "sse")
+
+
+# -- SQLite specifics ---------------------------------------------------------------------------------
+
+
+async def test_sqlite_creates_the_directory(tmp_path: Path) -> None:
+    path = tmp_path / "db" / "streams.db"
+    async with SQLiteRecorder(path) as rec:
+        session = await run_stream(rec, ["x"])
+    assert path.exists()
+    async with SQLiteRecorder(path) as rec:
+        assert await rec.get(session.id) is not None
 
 
 async def test_sqlite_uses_wal_and_sets_user_version(tmp_path: Path) -> None:
@@ -284,9 +341,9 @@ async def test_sqlite_rejects_in_memory_database() -> None:
 # -- concurrency ----------------------------------------------------------------------------------------
 
 
-async def test_many_concurrent_streams_lose_and_duplicate_nothing(kind: str, tmp_path: Path) -> None:
+async def test_many_concurrent_streams_lose_and_duplicate_nothing(place: Place) -> None:
     n_streams, n_chunks = 50, 200
-    rec = make(kind, tmp_path, batch_size=500)
+    rec = make(place, batch_size=500)
     ids: list[str] = []
 
     async def one(k: int) -> None:
@@ -315,9 +372,13 @@ async def test_many_concurrent_streams_lose_and_duplicate_nothing(kind: str, tmp
             assert record.content == "".join(f"{k}:{i};" for i in range(n_chunks))
             assert [c.seq for c in await rec.chunks(sid)] == list(range(1, n_chunks + 1))
         assert len(await rec.list_streams(limit=1000)) == n_streams
-    if kind == "sqlite":
-        with sqlite3.connect(tmp_path / "streams.db") as con:
+    if place.kind == "sqlite":
+        with sqlite3.connect(place.tmp_path / "streams.db") as con:
             assert con.execute("SELECT count(*) FROM chunks").fetchone() == (n_streams * n_chunks,)
+    reader = make(place)  # read back through a new connection: the chunks are stored, not held here
+    async with reader:
+        for sid in ids:
+            assert len(await reader.chunks(sid)) == n_chunks
 
 
 # -- backpressure ---------------------------------------------------------------------------------------------
@@ -336,16 +397,14 @@ class Gated(Layer):
         await super().write(batch)
 
 
-def gated(kind: str, tmp_path: Path, **options: Any) -> tuple[Recorder, Gated]:
-    rec = make(kind, tmp_path, Gated, **options)
+def gated(place: Place, **options: Any) -> tuple[Recorder, Gated]:
+    rec = make(place, Gated, **options)
     assert isinstance(rec.backend, Gated)
     return rec, rec.backend
 
 
-async def test_full_queue_with_max_wait_none_slows_the_generator_and_loses_nothing(
-    kind: str, tmp_path: Path
-) -> None:
-    rec, gate = gated(kind, tmp_path, max_pending=5, max_wait=None, flush_interval=0.01)
+async def test_full_queue_with_max_wait_none_slows_the_generator_and_loses_nothing(place: Place) -> None:
+    rec, gate = gated(place, max_pending=5, max_wait=None, flush_interval=0.01)
     produced = 0
     total = 40
 
@@ -380,9 +439,9 @@ async def test_full_queue_with_max_wait_none_slows_the_generator_and_loses_nothi
 
 
 async def test_full_queue_with_max_wait_zero_drops_and_counts(
-    kind: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    place: Place, caplog: pytest.LogCaptureFixture
 ) -> None:
-    rec, gate = gated(kind, tmp_path, max_pending=5, max_wait=0, flush_interval=0.01)
+    rec, gate = gated(place, max_pending=5, max_wait=0, flush_interval=0.01)
     total = 30
     async with rec:
         session = StreamSession(rec)
@@ -431,9 +490,9 @@ class Flaky(Layer):
 
 @pytest.mark.parametrize("after_commit", [False, True], ids=["fails-before", "fails-after-commit"])
 async def test_failed_writes_are_retried_until_everything_is_written(
-    kind: str, tmp_path: Path, after_commit: bool
+    place: Place, after_commit: bool
 ) -> None:
-    rec = make(kind, tmp_path, Flaky, flush_interval=0.01)
+    rec = make(place, Flaky, flush_interval=0.01)
     assert isinstance(rec.backend, Flaky)
     rec.backend.after_commit = after_commit
     async with rec:
@@ -457,8 +516,8 @@ class Broken(Layer):
         raise sqlite3.OperationalError("disk I/O error")
 
 
-async def test_close_on_a_broken_database_says_how_much_was_lost(kind: str, tmp_path: Path) -> None:
-    rec = make(kind, tmp_path, Broken, flush_interval=0.01)
+async def test_close_on_a_broken_database_says_how_much_was_lost(place: Place) -> None:
+    rec = make(place, Broken, flush_interval=0.01)
     await rec.open()
     await run_stream(rec, ["a", "b", "c", "d"])  # 1 start + 4 chunks + 1 end
     await anyio.sleep(0.05)
@@ -469,52 +528,88 @@ async def test_close_on_a_broken_database_says_how_much_was_lost(kind: str, tmp_
     assert rec.stats["lost"] == 6
 
 
-# -- crash recovery ------------------------------------------------------------------------------------------------
+# -- leases: streams of processes that stopped beating are ended ------------------------------------------------
 
 
-async def test_recover_marks_orphans_interrupted_keeping_their_chunks(recorder: Recorder) -> None:
-    finished = await run_stream(recorder, ["done"])
-    orphan = StreamSession(recorder, metadata={"user": "u"})
-    orphan.begin()
-    for text in ["half ", "way"]:
-        await add(orphan, text)
+async def test_sweep_ends_only_streams_whose_lease_ran_out(recorder: Recorder) -> None:
+    now = time.time()
+    ids = {name: f"{uuid.uuid4().hex}-{name}" for name in ("silent", "beating", "young", "unknown", "done")}
+    owners = {"silent": "host-a:1:x", "beating": "host-b:2:y", "young": "host-a:1:x", "unknown": "host-c:3:z",
+              "done": "host-a:1:x"}
+    created = {"silent": now - 100, "beating": now - 100, "young": now - 1, "unknown": now - 100, "done": now - 100}
+    for name, sid in ids.items():
+        recorder.start(StreamStart(sid, created[name], metadata={"user": name}, owner=owners[name]))
+    for seq, (text, at) in enumerate([("half ", 10.0), ("way", 20.5)], 1):
+        recorder.put_chunk(ids["silent"], seq, text, None, at)
+    recorder.finish(StreamEnd(ids["done"], StreamStatus.COMPLETED, now - 90))
     await recorder.flush()
+    await recorder.backend.heartbeat("host-a:1:x", now - 100)
+    await recorder.backend.heartbeat("host-b:2:y", now - 100)
+    await recorder.backend.heartbeat("host-b:2:y", now)  # replaces the earlier beat
 
-    owners: list[str] = []
-
-    def nobody(owner: str) -> bool:
-        owners.append(owner)
-        return False
-
-    assert await recorder.recover(nobody) == 0
-    assert owners == [process_owner()]  # only the streaming one is asked about, with its owner
-    record = await recorder.get(orphan.id)
-    assert record is not None and record.status is StreamStatus.STREAMING
-
-    is_orphan: Callable[[str], bool] = lambda owner: owner == process_owner()  # noqa: E731
-    assert await recorder.recover(is_orphan) == 1
-    record = await recorder.get(orphan.id)
-    assert record is not None
-    assert record.status is StreamStatus.INTERRUPTED
-    assert record.error and "mid-stream" in record.error
-    assert record.completed_at is not None
-    assert (record.content, record.chunk_count) == ("half way", 2)
-    assert record.metadata["recovered"] is True and record.metadata["user"] == "u"
-    assert [c.data for c in await recorder.chunks(orphan.id)] == ["half ", "way"]
-    done = await recorder.get(finished.id)
-    assert done is not None and done.status is StreamStatus.COMPLETED and "recovered" not in done.metadata
-    assert await recorder.recover(is_orphan) == 0  # already recovered
+    assert await recorder.recover() == 2  # lease 30 s: "silent" (beat 100 s ago) and "unknown" (never beat)
+    silent = await recorder.get(ids["silent"])
+    assert silent is not None
+    assert (silent.status, silent.content, silent.chunk_count) == (StreamStatus.INTERRUPTED, "half way", 2)
+    assert silent.error and "mid-stream" in silent.error
+    assert silent.metadata["recovered"] is True and silent.metadata["user"] == "silent"
+    assert silent.completed_at is not None and abs(silent.completed_at.timestamp() - (now - 100 + 0.0205)) < 0.01
+    assert [c.data for c in await recorder.chunks(ids["silent"])] == ["half ", "way"]
+    unknown = await recorder.get(ids["unknown"])
+    assert unknown is not None and (unknown.status, unknown.chunk_count) == (StreamStatus.INTERRUPTED, 0)
+    for name, status in (("beating", StreamStatus.STREAMING), ("young", StreamStatus.STREAMING),
+                         ("done", StreamStatus.COMPLETED)):
+        record = await recorder.get(ids[name])
+        assert record is not None and record.status is status, name
+        assert "recovered" not in record.metadata
+    assert await recorder.recover() == 0  # each stream is ended once
+    # later, nothing heard from either owner for a lease: both remaining streams end
+    assert await recorder.backend.recover(now + 31) == 2
 
 
-async def test_recovered_stream_stays_recovered_across_reopen(tmp_path: Path) -> None:
-    path = tmp_path / "streams.db"
-    async with SQLiteRecorder(path) as rec:
+async def test_a_running_process_keeps_its_streams_and_a_silent_one_loses_them(place: Place) -> None:
+    producer, sweeper = make(place, lease=0.6), make(place, lease=0.6)
+    async with sweeper:
+        await producer.open()
+        kept = StreamSession(producer)
+        kept.begin()
+        await add(kept, "alive")
+        with anyio.fail_after(10):
+            await anyio.sleep(1.5)  # well past the lease: the producer's heartbeat keeps it
+            assert await sweeper.recover() == 0
+            end(kept, Ending.EXHAUSTED)
+            await producer.flush()
+            record = await sweeper.get(kept.id)
+            assert record is not None and record.status is StreamStatus.COMPLETED
+
+            lost = StreamSession(producer)
+            lost.begin()
+            await add(lost, "then silence")
+            await producer.close()  # the producer stops beating with its stream still running: as if killed
+            follow = sweeper.follow(lost.id)
+            seen = [chunk.data async for chunk in follow]  # ends once a sweep ends the stream
+        assert seen == ["then silence"]
+        assert follow.status is StreamStatus.INTERRUPTED
+        record = await sweeper.get(lost.id)
+        assert record is not None and record.metadata["recovered"] is True
+
+
+async def test_recovered_stream_stays_recovered_across_reopen(place: Place) -> None:
+    async with make(place) as rec:
         orphan = StreamSession(rec)
         orphan.begin()
         await add(orphan, "lost?")
-    async with SQLiteRecorder(path) as rec:
-        assert await rec.recover(lambda owner: True) == 1
-    async with SQLiteRecorder(path) as rec:
+    async with make(place, lease=0.2) as rec:
+        with anyio.fail_after(5):  # its periodic sweep ends it
+            while (record := await rec.get(orphan.id)) is None or not record.finished:  # noqa: ASYNC110
+                await anyio.sleep(0.05)
+    async with make(place) as rec:
         record = await rec.get(orphan.id)
     assert record is not None
     assert (record.status, record.content, record.chunk_count) == (StreamStatus.INTERRUPTED, "lost?", 1)
+
+
+def test_lease_must_be_positive() -> None:
+    for bad in (0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="lease"):
+            SQLiteRecorder("x.db", lease=bad)

@@ -46,7 +46,6 @@ from asgi_stream_recorder import (
     recorded_stream,
     stream_app,
 )
-from asgi_stream_recorder.recorders.base import is_orphan
 from asgi_stream_recorder.testing import SSEClient, sse_client
 
 from .servers import free_port, serve
@@ -579,7 +578,7 @@ async def test_recovered_record_ends_at_its_last_chunk(tmp_path: Path, anyio_bac
     db = tmp_path / "streams.db"
     args = [sys.executable, "-m", "tests.apps.rel_rec_crash_stream", str(db), str(n_tokens), anyio_backend]
     proc = await anyio.open_process(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    reader = SQLiteRecorder(db)
+    reader = SQLiteRecorder(db, lease=1.0)  # the same lease as the streaming process
     try:
         with anyio.fail_after(20):
             while not db.exists():  # the other process creates it
@@ -594,10 +593,14 @@ async def test_recovered_record_ends_at_its_last_chunk(tmp_path: Path, anyio_bac
                         break
                     await anyio.sleep(0.02)
             sid = streams[0].id
+            await anyio.sleep(1.5)  # past the lease: the live process's heartbeat keeps its stream
+            assert await reader.recover() == 0
             proc.kill()
             with anyio.fail_after(10):
-                await proc.wait()  # reaped: its pid is gone
-            assert await reader.recover(is_orphan) == 1
+                await proc.wait()
+            with anyio.fail_after(5):  # the reader's sweep ends it once its last heartbeat is a lease old
+                while not (await stored(reader, sid)).finished:  # noqa: ASYNC110 - a sweep writes it
+                    await anyio.sleep(0.1)
             record = await stored(reader, sid)
             chunks = await reader.chunks(sid)
     finally:

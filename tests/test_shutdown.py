@@ -265,7 +265,7 @@ async def test_sigkill_keeps_flushed_chunks_and_restart_recovers_orphan(tmp_path
     db = tmp_path / "streams.db"
     received = Received()
     flushed_at_least = 10
-    async with app_process(tmp_path, db, name="first", ASR_TEST_DELAY="0.01") as server:
+    async with app_process(tmp_path, db, name="first", ASR_TEST_DELAY="0.01", ASR_TEST_LEASE="1") as server:
         started = anyio.Event()
         async with anyio.create_task_group() as tg:
             tg.start_soon(lambda: consume(f"{server.url}/stream", received, then_signal=started, after=1))
@@ -295,9 +295,14 @@ async def test_sigkill_keeps_flushed_chunks_and_restart_recovers_orphan(tmp_path
     seen = received.seq_data()
     assert seen[: len(flushed)] == flushed
 
-    async with app_process(tmp_path, db, name="second") as restarted:  # startup runs crash recovery
+    async with app_process(tmp_path, db, name="second", ASR_TEST_LEASE="1") as restarted:
         assert restarted.proc.pid != server.proc.pid
-        records = await read_records(db, [received.stream_id])
+        with anyio.fail_after(5):  # its sweep ends the stream once the killed process's lease ran out
+            while True:
+                records = await read_records(db, [received.stream_id])
+                if (found := records[received.stream_id][0]) is not None and found.finished:
+                    break
+                await anyio.sleep(0.1)
     record, chunks = records[received.stream_id]
     assert record is not None
     assert record.status is StreamStatus.INTERRUPTED

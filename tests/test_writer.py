@@ -5,6 +5,7 @@ record, schema migration, cancel requests, change notification), asserted by val
 from __future__ import annotations
 
 import array
+import contextlib
 import math
 import os
 import sqlite3
@@ -91,7 +92,10 @@ class Fake(Backend):
     ) -> list[StreamRecord]:
         return []
 
-    async def recover(self, is_orphan: Any) -> int:
+    async def heartbeat(self, owner: str, at: float) -> None:
+        pass
+
+    async def recover(self, stale_before: float) -> int:
         return 0
 
 
@@ -680,7 +684,12 @@ async def test_memory_recover() -> None:
                          start("done", owner="dead"), start("empty", owner="dead")],
                         [seg("orphan", (1, "ab", None), (2, "c", "other"), (3, "d", None))],
                         [StreamEnd("done", StreamStatus.COMPLETED, 1.0)]))
-    assert await b.recover(lambda owner: owner == "dead") == 2
+    await b.heartbeat("dead", 100.0)
+    await b.heartbeat("live", 90.0)
+    await b.heartbeat("live", 1000.0)  # the last beat counts
+    assert await b.recover(50.0) == 0  # nothing is that old: "orphan" started at 50, its owner beat at 100
+    assert await b.recover(500.0) == 2
+    assert b.owners == {"live": 1000.0}  # a silent owner is forgotten
     rec = await b.get("orphan")
     assert rec is not None
     assert (rec.status, rec.error, rec.content, rec.chunk_count) == (
@@ -692,7 +701,8 @@ async def test_memory_recover() -> None:
                         ("empty", StreamStatus.INTERRUPTED)):
         r = await b.get(sid)
         assert r is not None and r.status is status
-    assert await b.recover(lambda owner: True) == 1  # only "alive" was left streaming
+    assert await b.recover(2000.0) == 1  # only "alive" was left streaming
+    assert b.owners == {}
 
 
 # -- SQLiteBackend --------------------------------------------------------------------------------------
@@ -735,10 +745,12 @@ async def test_sqlite_migrates_a_version_1_file(tmp_path: Path) -> None:
             StreamStatus.COMPLETED, {"a": 1}, None, None)
         assert [r.id for r in await b.list_streams(key="k")] == ["new"]
         assert await b.request_cancel("new") is True
+        await b.heartbeat("me", 1000.0)  # version 3: leases
+        assert await b.recover(500.0) == 0 and await b.recover(2000.0) == 1
     finally:
         await b.close()
     con = sqlite3.connect(path)
-    assert con.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    assert con.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
     con.close()
 
 
@@ -766,9 +778,9 @@ async def test_sqlite_failed_migration_rolls_back_and_leaks_no_connection(tmp_pa
 async def test_sqlite_refuses_a_newer_schema_without_leaking(tmp_path: Path) -> None:
     path = tmp_path / "v9.db"
     con = sqlite3.connect(path)
-    con.execute("PRAGMA user_version = 3")
+    con.execute("PRAGMA user_version = 4")
     con.close()
-    with pytest.raises(RecorderError, match="schema version 3 is newer than this library's 2: upgrade the library"):
+    with pytest.raises(RecorderError, match="schema version 4 is newer than this library's 3: upgrade the library"):
         await SQLiteBackend(path).connect()
     assert _fds_on(path) == 0
 
@@ -937,7 +949,11 @@ async def test_sqlite_recover(db: SQLiteBackend) -> None:
                          [seg("orphan", (1, "ab", None), (2, "c", "other"), (3, "d", None))],
                          [StreamEnd("done", StreamStatus.COMPLETED, 1.0)]))
     assert await db.request_cancel("orphan") is True
-    assert await db.recover(lambda owner: owner == "dead") == 1
+    await db.heartbeat("dead", 90.0)
+    await db.heartbeat("live", 80.0)
+    await db.heartbeat("live", 1000.0)  # replaces the earlier beat
+    assert await db.recover(60.0) == 0  # "orphan" started at 50 but its owner beat at 90
+    assert await db.recover(500.0) == 1
     rec = await db.get("orphan")
     assert rec is not None
     assert (rec.status, rec.error, rec.content, rec.chunk_count) == (
@@ -947,6 +963,15 @@ async def test_sqlite_recover(db: SQLiteBackend) -> None:
     assert await db.cancel_requests(["orphan"]) == []
     alive = await db.get("alive")
     assert alive is not None and alive.status is StreamStatus.STREAMING
+
+    def owners() -> list[tuple[str, float]]:
+        with contextlib.closing(sqlite3.connect(db.path)) as con:
+            return con.execute("SELECT owner, seen_at FROM owners ORDER BY owner").fetchall()
+
+    assert owners() == [("live", 1000.0)]  # the silent owner is forgotten
+    await db.heartbeat("gone", 10.0)
+    assert await db.recover(500.0) == 0 and owners() == [("live", 1000.0)]  # forgotten with no stream to end
+    assert await db.recover(2000.0) == 1 and owners() == []
 
 
 async def test_sqlite_recorder_path_and_times_packing(tmp_path: Path) -> None:
@@ -1178,7 +1203,7 @@ async def test_sqlite_counts_single_chunk_segments(db: SQLiteBackend) -> None:
     two, three = await db.get("two"), await db.get("three")
     assert two is not None and (two.content, two.chunk_count) == ("a", 1)
     assert three is not None and (three.content, three.chunk_count) == ("b", 1)  # content missing: both computed
-    assert await db.recover(lambda owner: owner == "dead") == 1
+    assert await db.recover(500.0) == 1  # "one" (created at 100, no heartbeat); the others have ended
     one = await db.get("one")
     assert one is not None and (one.status, one.content, one.chunk_count) == (StreamStatus.INTERRUPTED, "solo", 1)
     assert one.metadata["chunk_count"] == 1

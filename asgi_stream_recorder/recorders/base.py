@@ -15,7 +15,7 @@ import enum
 import os
 import socket
 import uuid
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, NamedTuple
@@ -31,7 +31,6 @@ __all__ = [
     "StreamRecord",
     "StreamStart",
     "StreamStatus",
-    "is_orphan",
     "process_owner",
     "recovered_end",
 ]
@@ -243,28 +242,10 @@ if hasattr(os, "register_at_fork"):  # a worker forked after import (gunicorn --
 
 
 def process_owner() -> str:
-    """``host:pid:incarnation`` of the calling process, for crash recovery."""
+    """``host:pid:incarnation`` naming the calling process: the owner of the streams it runs,
+    whose heartbeat keeps them alive (see :meth:`Backend.heartbeat`). Only an identity: no
+    decision is taken from the host or pid in it (containers share hostnames and pids)."""
     return _owner
-
-
-def is_orphan(owner: str) -> bool:
-    """True if the owning process ran on this host and is gone, or was an earlier
-    incarnation of our own pid (a restarted container). Other hosts' streams are left
-    alone: without a heartbeat nothing here can tell whether they still run."""
-    host, _, rest = owner.partition(":")
-    pid_text = rest.partition(":")[0]
-    if host != _HOST or not pid_text.isdigit():
-        return False
-    pid = int(pid_text)
-    if pid == os.getpid():
-        return owner != _owner
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
 
 
 class Backend(abc.ABC):
@@ -330,6 +311,18 @@ class Backend(abc.ABC):
         await anyio.sleep(timeout)
 
     @abc.abstractmethod
-    async def recover(self, is_orphan: Callable[[str], bool]) -> int:
-        """End streams left ``streaming`` whose owner ``is_orphan(owner)`` with
-        :func:`recovered_end` (chunks kept). Returns how many were ended."""
+    async def heartbeat(self, owner: str, at: float) -> None:
+        """Record that process ``owner`` is alive at ``at`` (epoch seconds): one row per
+        process, replaced each time. The recorder calls it every ``lease / 3`` seconds while
+        the process runs streams, not once per stream."""
+
+    @abc.abstractmethod
+    async def recover(self, stale_before: float) -> int:
+        """End streams left ``streaming`` whose lease ran out, with :func:`recovered_end`
+        (chunks kept); returns how many were ended.
+
+        A stream's lease runs out when both its owner's last heartbeat (none counts as never)
+        and its own ``created_at`` are before ``stale_before`` (epoch seconds): a stream that
+        has just started is safe until its owner's first heartbeat. Several processes may
+        sweep at once: a stream is ended once. Owners whose heartbeat is stale may be forgotten.
+        """

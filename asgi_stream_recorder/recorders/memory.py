@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Callable, Collection
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +45,8 @@ class MemoryBackend(Backend):
     def __init__(self) -> None:
         self.rows: dict[str, _Row] = {}
         self.cancels: set[str] = set()
+        #: each process's last heartbeat (epoch seconds)
+        self.owners: dict[str, float] = {}
         self._changed: anyio.Event | None = None  # made on first wait (an event needs a running loop)
 
     def __repr__(self) -> str:
@@ -96,8 +98,15 @@ class MemoryBackend(Backend):
         self.cancels.difference_update(found)
         return found
 
-    async def recover(self, is_orphan: Callable[[str], bool]) -> int:
-        orphans = [r for r in self.rows.values() if r.status is StreamStatus.STREAMING and is_orphan(r.owner)]
+    async def heartbeat(self, owner: str, at: float) -> None:
+        self.owners[owner] = at
+
+    async def recover(self, stale_before: float) -> int:
+        owners = self.owners
+        orphans = [r for r in self.rows.values() if r.status is StreamStatus.STREAMING
+                   and max(owners.get(r.owner, r.created_at), r.created_at) < stale_before]
+        for owner in [o for o, seen in owners.items() if seen < stale_before]:
+            del owners[owner]
         for row in orphans:
             end = recovered_end(row.id, row.created_at, row.text_event, row.metadata, self._ordered(row))
             row.status, row.completed_at, row.error = end.status, end.completed_at, end.error

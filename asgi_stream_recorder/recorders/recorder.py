@@ -9,6 +9,7 @@ and ``MemoryRecorder`` are recorders over their backends; any other backend is u
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Callable
 from types import TracebackType
@@ -16,7 +17,7 @@ from typing import Any
 
 import anyio
 
-from .base import Backend, Chunk, StreamEnd, StreamRecord, StreamStart, StreamStatus, is_orphan
+from .base import Backend, Chunk, StreamEnd, StreamRecord, StreamStart, StreamStatus, process_owner
 from .buffered import BufferedWriter, Policy, RecorderError, _loop_token, _spawn
 from .live import FOLLOWER_BUFFER, Follow, LiveHub
 from .storable import UNSTORABLE_KEY, storable_metadata, storable_text
@@ -39,6 +40,13 @@ class Recorder:
     is dropped at once and counted in its record's ``metadata["dropped_chunks"]``: the
     client never waits on storage. ``max_wait`` (seconds, or None for no bound) opts in to
     making a stream wait for room instead. Starts and ends are never dropped.
+
+    Leases: while this process runs streams, the recorder refreshes one heartbeat for the
+    process every ``lease / 3`` seconds; every recorder that is open sweeps about as often,
+    ending as ``interrupted`` (chunks kept) any stream whose process has not been heard of
+    for ``lease`` seconds, on any host. A process that dies (SIGKILL, a lost machine) thus
+    leaves no stream ``streaming`` for much longer than ``lease``; keep it well above the
+    longest database outage you expect a live process to ride out.
     """
 
     def __init__(
@@ -50,8 +58,13 @@ class Recorder:
         max_pending: int = 200_000,
         max_pending_bytes: int = 64 * 1024 * 1024,
         max_wait: float | None = 0.0,
+        lease: float = 30.0,
     ) -> None:
+        if not lease > 0:
+            raise ValueError(f"lease must be a positive number of seconds, not {lease!r}")
         self.backend = backend
+        #: seconds a process may go unheard of before its streams are ended as ``interrupted``
+        self.lease = lease
         self._writer = BufferedWriter(
             backend,
             Policy(batch_size=batch_size, interval=flush_interval, max_pending=max_pending,
@@ -64,7 +77,8 @@ class Recorder:
         self._changed: anyio.Event | None = None  # set by the watcher when records may have changed
         self._waiters = 0  # tasks waiting for a change
         self._watcher_loop: object = None
-        self._last_recovery = -1e9
+        self._wake_watcher: anyio.Event | None = None  # set to end the watcher's idle sleep
+        self._generation = 0  # counts closes: a watcher of an earlier opening stops
         self._opened = False
         #: True when opened by the user or the middleware, who will close it; a lazily
         #: opened recorder is flushed at the end of each stream instead.
@@ -83,6 +97,7 @@ class Recorder:
         """Connect the backend and start the writer. Idempotent."""
         await self._ensure_open()
         self.managed = True
+        self._watch()  # sweeps expired leases while open, even with no stream here
 
     async def ensure_open(self) -> None:
         """Open lazily on first use (also after the event loop that opened it went away)."""
@@ -108,6 +123,8 @@ class Recorder:
         finally:
             self._opened = False
             self.managed = False
+            self._generation += 1
+            self._poke_watcher()
             await self.backend.close()
 
     async def __aenter__(self) -> Recorder:
@@ -227,8 +244,13 @@ class Recorder:
             self._waiters -= 1
 
     def stream_started(self) -> None:
-        """A stream of this process began: make sure cancel requests from elsewhere are looked for."""
+        """A stream of this process began: keep its heartbeat and look for cancel requests."""
         self._watch()
+        self._poke_watcher()
+
+    def _poke_watcher(self) -> None:
+        if self._wake_watcher is not None:
+            self._wake_watcher.set()
 
     def _watch(self) -> None:
         if self._watcher_loop is not _loop_token():
@@ -236,36 +258,61 @@ class Recorder:
             _spawn(self._watcher)
 
     async def _watcher(self) -> None:
-        """One task per recorder, while this process runs streams or someone waits for changes:
-        it asks the backend for changes, wakes the waiters, passes cancel requests on to the
-        streams running here, and (for waiters) ends streams of dead processes."""
-        last_cancels = 0.0
+        """One task per recorder, owned by it (it ends when the recorder closes, or a second
+        after its last stream and waiter when nobody opened the recorder for good).
+
+        While this process runs streams: refresh their lease (one heartbeat per ``lease / 3``)
+        and pass cancel requests from elsewhere on to them. While someone waits for changes:
+        ask the backend for changes and wake them. Always: sweep streams whose lease ran out,
+        about every ``lease / 3`` (a little jitter keeps workers from sweeping in step)."""
+        generation = self._generation
+        every = self.lease / 3
+        last_cancels = next_beat = 0.0
+        next_sweep = anyio.current_time() + every  # (the middleware sweeps at startup itself)
         idle = 0
         try:
-            while idle < 4:  # lingers a second after the last stream or waiter, not to restart at once
-                idle = 0 if self._waiters or self.live.streams else idle + 1
+            while generation == self._generation:
+                busy = bool(self._waiters or self.live.streams)
+                idle = 0 if busy else idle + 1
+                if not busy and not self.managed and idle > 4:
+                    break  # lingers a second after the last stream or waiter, not to restart at once
                 try:
-                    await self.backend.wait_for_change(0.25)
+                    if busy or not self.managed:
+                        await self.backend.wait_for_change(0.25)
+                    else:  # open and idle: nothing to poll for until the next sweep, or a stream
+                        self._wake_watcher = anyio.Event()
+                        with anyio.move_on_after(max(next_sweep - anyio.current_time(), 0.0)):
+                            await self._wake_watcher.wait()
+                        self._wake_watcher = None
                     changed, self._changed = self._changed, None
                     if changed is not None:
                         changed.set()
                     now = anyio.current_time()
-                    if self.live.streams and now - last_cancels >= 0.2:  # at most 5 looks a second
-                        last_cancels = now
-                        for stream_id in await self.backend.cancel_requests(list(self.live.streams)):
-                            self.live.cancel(stream_id)
-                    if self._waiters and now - self._last_recovery > 2.0:
-                        self._last_recovery = now
-                        await self.backend.recover(is_orphan)
+                    if self.live.streams:
+                        if now >= next_beat:
+                            next_beat = now + every
+                            await self.backend.heartbeat(process_owner(), time.time())
+                        if now - last_cancels >= 0.2:  # at most 5 looks a second
+                            last_cancels = now
+                            for stream_id in await self.backend.cancel_requests(list(self.live.streams)):
+                                self.live.cancel(stream_id)
+                    if now >= next_sweep and self._opened:
+                        next_sweep = now + every * random.uniform(0.8, 1.2)
+                        await self.recover()
                 except Exception as exc:  # the backend is down: try again later
                     log.debug("recorder watcher: %r", exc)
                     await anyio.sleep(0.5)
         finally:
             self._watcher_loop = None
 
-    async def recover(self, is_orphan: Callable[[str], bool]) -> int:
-        """End streams left ``streaming`` by dead processes as ``interrupted`` (chunks kept)."""
-        return await self.backend.recover(is_orphan)
+    async def recover(self) -> int:
+        """End streams whose lease ran out (their process unheard of for ``lease`` seconds) as
+        ``interrupted``, chunks kept; returns how many. Runs at startup and periodically."""
+        ended = await self.backend.recover(time.time() - self.lease)
+        if ended:
+            log.warning("asgi_stream_recorder: %d streams of processes unheard of for %g s ended as interrupted",
+                        ended, self.lease)
+        return ended
 
 
 def _recent(stream_id: str, window_ms: float = 10_000) -> bool:

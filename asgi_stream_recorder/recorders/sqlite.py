@@ -33,7 +33,7 @@ log = logging.getLogger("asgi_stream_recorder")
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA_1 = """
 CREATE TABLE IF NOT EXISTS streams (
@@ -83,8 +83,16 @@ CREATE TABLE IF NOT EXISTS cancels (
 ) WITHOUT ROWID;
 """
 
+# Version 3: leases. Each process running streams keeps one heartbeat row fresh.
+_SCHEMA_3 = """
+CREATE TABLE IF NOT EXISTS owners (
+    owner   TEXT PRIMARY KEY,
+    seen_at REAL NOT NULL
+) WITHOUT ROWID;
+"""
+
 #: What takes a database from version ``n - 1`` to ``n`` (applied in order, in one transaction).
-_MIGRATIONS = {1: _SCHEMA_1, 2: _SCHEMA_2}
+_MIGRATIONS = {1: _SCHEMA_1, 2: _SCHEMA_2, 3: _SCHEMA_3}
 
 # The statements, shared by every path that writes or reads.
 _INSERT_STREAM = (
@@ -100,6 +108,11 @@ _SEGMENTS_OF = (
 _END_STREAM = (
     "UPDATE streams SET status = ?, completed_at = ?, error = ?, metadata = ?, chunk_count = ?, content = ?"
     " WHERE id = ?"
+)
+#: streams left streaming whose process was last heard of (or which started) before the given time
+_STALE = (
+    "SELECT s.id, s.created_at, s.text_event, s.metadata FROM streams AS s LEFT JOIN owners AS o ON o.owner = s.owner"
+    " WHERE s.status = 'streaming' AND max(coalesce(o.seen_at, 0), s.created_at) < ?"
 )
 _COLUMNS = (
     "id, status, created_at, completed_at, error, metadata, path, method, text_event, chunk_count, content, key, format"
@@ -263,13 +276,27 @@ class SQLiteBackend(Backend):
     async def write(self, batch: Batch) -> None:
         await self._writing(lambda con: _write_batch(con, batch))
 
-    async def recover(self, is_orphan: Callable[[str], bool]) -> int:
+    async def heartbeat(self, owner: str, at: float) -> None:
+        def run(con: sqlite3.Connection) -> None:
+            con.execute("INSERT OR REPLACE INTO owners (owner, seen_at) VALUES (?, ?)", (owner, at))
+
+        await self._writing(run)
+
+    async def recover(self, stale_before: float) -> int:
+        def stale(con: sqlite3.Connection) -> list[tuple[Any, ...]]:
+            return con.execute(_STALE, (stale_before,)).fetchall()
+
+        def anything(con: sqlite3.Connection) -> bool:
+            forgotten = con.execute("SELECT 1 FROM owners WHERE seen_at < ? LIMIT 1", (stale_before,)).fetchone()
+            return forgotten is not None or bool(stale(con))
+
+        if not await self._reading(anything):  # the usual answer, without the write lock
+            return 0
+
         def run(con: sqlite3.Connection) -> int:
-            rows = con.execute(
-                "SELECT id, owner, created_at, text_event, metadata FROM streams WHERE status = 'streaming'"
-            )
-            orphans = [row for row in rows.fetchall() if is_orphan(row[1])]
-            for sid, _, created_at, text_event, metadata in orphans:
+            orphans = stale(con)  # again, inside the write lock: another process may have swept
+            con.execute("DELETE FROM owners WHERE seen_at < ?", (stale_before,))
+            for sid, created_at, text_event, metadata in orphans:
                 end = recovered_end(sid, created_at, text_event, json.loads(metadata), _chunks_of(con, sid, 0))
                 _freeze(con, end)
             return len(orphans)

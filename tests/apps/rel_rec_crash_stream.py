@@ -18,7 +18,7 @@ from asgi_stream_recorder.testing import sse_client
 
 
 async def main(db: str, tokens: int) -> None:
-    recorder = SQLiteRecorder(db, flush_interval=0.01)
+    recorder = SQLiteRecorder(db, flush_interval=0.01, lease=1.0)
 
     async def source(request: Request) -> AsyncIterator[str]:
         for i in range(tokens):

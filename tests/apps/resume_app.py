@@ -1,8 +1,9 @@
-"""A resumable chat app for tests that run several server processes on one SQLite file.
+"""A resumable chat app for tests that run several server processes on one backend.
 
 Run it with ``python -m uvicorn tests.apps.resume_app:app`` from the repository root, with
-``ASR_TEST_DB`` naming the SQLite file (shared by every process of a test) and optionally
-``ASR_TEST_FLUSH_INTERVAL`` the recorder's ``flush_interval`` (default ``0.05``).
+``ASR_TEST_URL`` the recorder URL (``open_recorder``: SQLite, PostgreSQL, Redis; shared by
+every process of a test) and optionally ``ASR_TEST_FLUSH_INTERVAL`` the recorder's
+``flush_interval`` (default ``0.05``) and ``ASR_TEST_LEASE`` its ``lease`` (default 30).
 
 Routes:
 
@@ -26,7 +27,6 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -35,7 +35,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Mount, Route
 
-from asgi_stream_recorder import SQLiteRecorder, StreamRecorderMiddleware, recorded_stream, streams_app
+from asgi_stream_recorder import StreamRecorderMiddleware, open_recorder, recorded_stream, streams_app
 
 __all__ = ["create_app", "token"]
 
@@ -44,7 +44,7 @@ def token(i: int) -> str:
     return f"token {i}\n"
 
 
-def create_app(db: str | Path, *, flush_interval: float = 0.05) -> StreamRecorderMiddleware:
+def create_app(url: str, *, flush_interval: float = 0.05, lease: float = 30.0) -> StreamRecorderMiddleware:
     counts = {"started": 0, "finally": 0}
 
     @recorded_stream(resume=True, ping=None, key=lambda request: request.query_params.get("conv"))
@@ -78,7 +78,7 @@ def create_app(db: str | Path, *, flush_interval: float = 0.05) -> StreamRecorde
         Route("/chat", chat),
         Mount("/streams", streams_app()),
     ])
-    return StreamRecorderMiddleware(inner, recorder=SQLiteRecorder(db, flush_interval=flush_interval))
+    return StreamRecorderMiddleware(inner, recorder=open_recorder(url, flush_interval=flush_interval, lease=lease))
 
 
 _app: StreamRecorderMiddleware | None = None
@@ -89,9 +89,10 @@ def __getattr__(name: str) -> Any:
     global _app
     if name == "app":
         if _app is None:
-            db = os.environ.get("ASR_TEST_DB")
-            if not db:
-                raise RuntimeError("set ASR_TEST_DB to the SQLite file the test app records into")
-            _app = create_app(db, flush_interval=float(os.environ.get("ASR_TEST_FLUSH_INTERVAL", "0.05")))
+            url = os.environ.get("ASR_TEST_URL")
+            if not url:
+                raise RuntimeError("set ASR_TEST_URL to the recorder URL the test app records into")
+            _app = create_app(url, flush_interval=float(os.environ.get("ASR_TEST_FLUSH_INTERVAL", "0.05")),
+                              lease=float(os.environ.get("ASR_TEST_LEASE", "30")))
         return _app
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

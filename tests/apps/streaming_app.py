@@ -84,7 +84,8 @@ def create_app(
             Route("/continue", continue_stream),
         ]
     )
-    return StreamRecorderMiddleware(inner, recorder=SQLiteRecorder(db), handle_signals=handle_signals)
+    lease = float(os.environ.get("ASR_TEST_LEASE", "30"))
+    return StreamRecorderMiddleware(inner, recorder=SQLiteRecorder(db, lease=lease), handle_signals=handle_signals)
 
 
 def _from_environment() -> StreamRecorderMiddleware:
