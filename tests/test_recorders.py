@@ -6,6 +6,7 @@ from __future__ import annotations
 import enum
 import itertools
 import logging
+import re
 import sqlite3
 import time
 import uuid
@@ -613,3 +614,95 @@ def test_lease_must_be_positive() -> None:
     for bad in (0, -1.0, float("nan")):
         with pytest.raises(ValueError, match="lease"):
             SQLiteRecorder("x.db", lease=bad)
+
+
+# -- open_recorder: a recorder from a URL ----------------------------------------------------------------------
+
+
+def test_open_recorder_reads_each_scheme_and_its_options(tmp_path: Path) -> None:
+    from asgi_stream_recorder import MemoryRecorder, PostgresRecorder, RedisRecorder, open_recorder
+
+    rel = open_recorder("sqlite:///data/streams.db?lease=5&batch_size=10")
+    assert isinstance(rel, SQLiteRecorder) and rel.path == "data/streams.db" and rel.lease == 5.0
+    assert rel.stats is not None and rel._writer.policy.batch_size == 10
+    absolute = open_recorder(f"sqlite:///{tmp_path}/s.db", flush_interval=0.5)
+    assert isinstance(absolute, SQLiteRecorder) and absolute.path == f"{tmp_path}/s.db"
+    assert absolute._writer.policy.interval == 0.5
+    assert isinstance(open_recorder("memory://"), MemoryRecorder)
+
+    pg = open_recorder("postgresql://app:pw@db.example:5433/app?schema=streams&sslmode=disable&lease=60")
+    assert isinstance(pg, PostgresRecorder) and pg.backend.schema == "streams" and pg.lease == 60.0
+    assert "schema" not in pg.backend._dsn and "sslmode=disable" in pg.backend._dsn  # the rest is the driver's
+    assert "pw" not in repr(pg)
+    assert isinstance(open_recorder("postgres://db/app"), PostgresRecorder)
+
+    rd = open_recorder("redis://:pw@cache:6379/2?prefix=app:&ttl=604800")
+    assert isinstance(rd, RedisRecorder) and (rd.backend.prefix, rd.backend.ttl) == ("app:", 604800.0)
+    assert "pw" not in repr(rd) and "prefix" not in rd.backend._url
+    assert isinstance(open_recorder("rediss://cache/0"), RedisRecorder)
+
+
+@pytest.mark.parametrize(("url", "words"), [
+    ("mysql://db/app", "unknown recorder URL scheme 'mysql:'"),
+    ("streams.db", "unknown recorder URL scheme 'streams.db'"),
+    ("sqlite://host/x.db", "sqlite:///relative/path.db"),
+    ("sqlite:///x.db?timeout=3", "sqlite:///relative/path.db"),
+    ("redis://cache/0?ttl=week", "ttl='week' is not a float"),
+])
+def test_open_recorder_refuses_what_it_cannot_open(url: str, words: str) -> None:
+    from asgi_stream_recorder import open_recorder
+
+    with pytest.raises(ValueError, match=re.escape(words)):
+        open_recorder(url)
+
+
+def test_default_recorder_follows_the_url_in_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from asgi_stream_recorder import MemoryRecorder, recorders
+
+    monkeypatch.setattr(recorders, "_default", None)
+    monkeypatch.setenv("ASGI_STREAM_RECORDER_URL", "memory://")
+    assert isinstance(recorders.default_recorder(), MemoryRecorder)
+    assert recorders.default_recorder() is recorders.default_recorder()
+    monkeypatch.setattr(recorders, "_default", None)
+    monkeypatch.delenv("ASGI_STREAM_RECORDER_URL")
+    monkeypatch.setenv("ASGI_STREAM_RECORDER_DB", "elsewhere.db")
+    default = recorders.default_recorder()
+    assert isinstance(default, SQLiteRecorder) and default.path == "elsewhere.db"
+
+
+async def test_an_open_idle_recorder_listens_for_changes_as_soon_as_someone_follows(place: Place) -> None:
+    """A recorder opened for good with no stream of its own sleeps until its next sweep
+    (``lease / 3``); a follower of a stream produced elsewhere must wake it to listen to the
+    backend at once, not wait for the sweep (that cost followers up to a second per chunk)."""
+    producer, follower = make(place), make(place)
+    listened = 0
+    async with producer, follower:
+        inner = follower.backend.wait_for_change
+
+        async def counted(timeout: float) -> None:
+            nonlocal listened
+            listened += 1
+            await inner(timeout)
+
+        follower.backend.wait_for_change = counted  # type: ignore[method-assign]
+        await anyio.sleep(0.3)  # the follower's watcher is idle now
+        session = StreamSession(producer)
+        session.begin()
+        await add(session, "a")
+        await producer.flush()
+        listened = 0
+        got: list[str] = []
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+
+                async def follow() -> None:
+                    async for chunk in follower.follow(session.id):
+                        got.append(chunk.data)
+
+                tg.start_soon(follow)
+                await anyio.sleep(0.6)
+                assert listened >= 2, f"the follower's recorder asked the backend for changes {listened} times"
+                await add(session, "b")
+                end(session, Ending.EXHAUSTED)
+                await producer.flush()
+    assert got == ["a", "b"]

@@ -99,3 +99,26 @@ async def test_uvicorn_exits_at_once_naming_the_file(tmp_path: Path, bad: str) -
     assert lines, output
     assert words in lines[0]
     assert "Application startup failed" in output
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.parametrize("url", ["postgresql://app:s3cr3t-pw@127.0.0.1:{port}/app?schema=s",
+                                 "redis://:s3cr3t-pw@127.0.0.1:{port}/0"], ids=["postgres", "redis"])
+async def test_a_database_server_that_is_down_fails_startup_quickly_without_the_password(url: str) -> None:
+    """Our documented choice: a recorder that cannot connect at startup fails it (the server exits
+    with one line naming the server), bounded in time; the password in its URL is never shown."""
+    down = url.format(port=free_port())  # nothing listens there
+    env = {**os.environ, "ASR_TEST_URL": down, "PYTHONUNBUFFERED": "1"}
+    args = [sys.executable, "-m", "uvicorn", "tests.apps.scale_app:app", "--host", "127.0.0.1",
+            "--port", str(free_port())]
+    started = anyio.current_time()
+    with anyio.fail_after(30):
+        result = await anyio.run_process(args, cwd=ROOT, env=env, check=False, stderr=subprocess.STDOUT)
+    elapsed = anyio.current_time() - started
+    output = result.stdout.decode(errors="replace")
+    assert result.returncode != 0, output
+    assert elapsed < 20, f"startup took {elapsed:.1f} s to fail"
+    assert "Application startup failed" in output
+    assert "s3cr3t-pw" not in output, output
+    host_port = down.split("@", 1)[1].split("/", 1)[0]
+    assert any(host_port in line for line in output.splitlines()), output

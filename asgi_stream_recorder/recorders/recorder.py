@@ -237,6 +237,7 @@ class Recorder:
             self._changed = anyio.Event()
         changed = self._changed
         self._waiters += 1
+        self._poke_watcher()  # an idle watcher sleeps until its next sweep: it must listen now
         try:
             with anyio.move_on_after(timeout):
                 await changed.wait()
