@@ -706,3 +706,48 @@ async def test_an_open_idle_recorder_listens_for_changes_as_soon_as_someone_foll
                 end(session, Ending.EXHAUSTED)
                 await producer.flush()
     assert got == ["a", "b"]
+
+
+class Unreadable(Layer):
+    """Reads fail (as while the server restarts) until ``readable`` is set."""
+
+    readable = False
+    failed = 0
+
+    async def get(self, stream_id: str) -> StreamRecord | None:
+        if not self.readable:
+            self.failed += 1
+            raise sqlite3.OperationalError("server closed the connection unexpectedly")
+        return await super().get(stream_id)
+
+
+async def test_a_follower_rides_out_a_database_outage(place: Place, caplog: pytest.LogCaptureFixture) -> None:
+    """A follower of a stream produced elsewhere waits for the database to come back (as the
+    writer does), then gets every chunk: it does not end its client's stream at the first
+    failed read."""
+    producer = make(place)
+    follower = Recorder(Unreadable(place.backend()))
+    assert isinstance(follower.backend, Unreadable)
+    async with producer, follower:
+        session = StreamSession(producer)
+        session.begin()
+        await add(session, "a")
+        await producer.flush()
+        got: list[str] = []
+        with anyio.fail_after(15), caplog.at_level(logging.WARNING, logger="asgi_stream_recorder"):
+            async with anyio.create_task_group() as tg:
+
+                async def follow() -> None:
+                    async for chunk in follower.follow(session.id):
+                        got.append(chunk.data)
+
+                tg.start_soon(follow)
+                while follower.backend.failed < 2:  # noqa: ASYNC110 - counts the follower's tries
+                    await anyio.sleep(0.05)
+                await add(session, "b")
+                end(session, Ending.EXHAUSTED)
+                await producer.flush()
+                follower.backend.readable = True
+    assert got == ["a", "b"]
+    warnings = [r for r in caplog.records if "cannot read the record" in r.getMessage()]
+    assert len(warnings) == 1, "logged once per outage"

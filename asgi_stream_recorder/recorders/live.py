@@ -15,6 +15,7 @@ writer, then read the record; merge by seq, skip what was already yielded.
 from __future__ import annotations
 
 import collections
+import logging
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +27,8 @@ if TYPE_CHECKING:
     from .recorder import Recorder
 
 __all__ = ["Follow", "LiveHub", "LiveStream"]
+
+log = logging.getLogger("asgi_stream_recorder")
 
 FOLLOWER_BUFFER = 1000  # chunks a follower may fall behind before it catches up from the record
 _REMOTE_WAIT = 1.0  # at most this long between two looks at the record of a stream produced elsewhere
@@ -146,6 +149,7 @@ class Follow:
         self.error: str | None = None
         #: the stored record at the end, when it was read from the backend
         self.record: StreamRecord | None = None
+        self._outage = False  # reading the record failed last time (logged once per outage)
 
     def __aiter__(self) -> AsyncIterator[Chunk]:
         return self._run()
@@ -187,12 +191,23 @@ class Follow:
             # Produced elsewhere, or over: the record is the truth. Read the record before its
             # chunks: once it says the stream ended, every chunk it has is already stored.
             await rec.settle(sid)
-            record = await rec.backend.get(sid)
+            try:
+                record = await rec.backend.get(sid)
+                stored = [] if record is None else await rec.backend.chunks(sid, self.last)
+            except Exception as exc:  # the database is down or restarting: wait for it, as the writer does
+                if not rec.backend.is_transient(exc):
+                    raise
+                if not self._outage:
+                    log.warning("following stream %s: cannot read the record (%r); retrying", sid, exc)
+                self._outage = True
+                await anyio.sleep(_REMOTE_WAIT)
+                continue
+            self._outage = False
             if record is None:
                 if sid in rec.live.streams:
                     continue  # it started here meanwhile
                 raise LookupError(f"no stream {sid!r}")
-            for chunk in self._take(await rec.backend.chunks(sid, self.last)):
+            for chunk in self._take(stored):
                 yield chunk
             if record.finished:
                 self.status, self.error, self.record = record.status, record.error, record
