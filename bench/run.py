@@ -20,7 +20,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-FAMILIES = ["inprocess", "server", "recorder", "memory", "disconnect", "looplag", "leaks", "outage"]
+FAMILIES = ["inprocess", "server", "recorder", "memory", "disconnect", "looplag", "leaks", "outage", "scale"]
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -245,6 +245,26 @@ def rows(res: dict[str, Any]) -> tuple[list[list[str]], list[dict[str, Any]]]:
         if "bulk" in og["scenarios"]:
             target("outage, queue full: client's max token gap during the lock",
                    og["scenarios"]["bulk"]["summary"]["during_max_ms_worst"], "<", 1000, "ms")
+    sc = res.get("scale")
+    if sc:
+        pattern = {"sqlite": "INSERT + COMMIT (aiosqlite)", "postgres": "SELECT max, INSERT, UPDATE (asyncpg)",
+                   "redis": "XADD + HSET (redis-py)"}
+        for streams in (1, 100):
+            s = sc[f"streams_{streams}"]
+            for k in sc["backends"]:
+                table.append([f"10 scale-out, {streams} stream(s)", f"{k}: library path, batched",
+                              fmt(s[f"library_{k}"]["median"], "/s"),
+                              f"{fmt(s['ratio_library_to_per_chunk'][k], 'x')} per-chunk"])
+                table.append([f"10 scale-out, {streams} stream(s)", f"{k}: per chunk, {pattern[k]}",
+                              fmt(s[f"per_chunk_{k}"]["median"], "/s"), ""])
+        fo = sc["follow"]
+        where = f"10 follow, {fo['tokens']} tokens x {fo['rounds']}"
+        for k in sc["backends"]:
+            b = fo[k]["follower_cross_process_b"]
+            table.append([where, f"{k}: follower on process B", p50_p99_max(b),
+                          f"flush_interval {fo['flush_interval_s'] * 1000:.0f} ms"])
+        table.append([where, "follower in-process on A (floor, all backends)",
+                      p50_p99_max(fo["follower_in_process_a_all"]), ""])
     return table, targets
 
 
