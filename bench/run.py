@@ -20,7 +20,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-FAMILIES = ["inprocess", "server", "recorder", "memory", "disconnect", "looplag", "leaks", "outage", "scale"]
+FAMILIES = ["inprocess", "server", "recorder", "memory", "disconnect", "looplag", "leaks", "outage", "scale",
+            "instructions"]
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -265,6 +266,15 @@ def rows(res: dict[str, Any]) -> tuple[list[list[str]], list[dict[str, Any]]]:
                           f"flush_interval {fo['flush_interval_s'] * 1000:.0f} ms"])
         table.append([where, "follower in-process on A (floor, all backends)",
                       p50_p99_max(fo["follower_in_process_a_all"]), ""])
+    ins = res.get("instructions")
+    if ins:
+        ratios = ins["ratio_to_reference"]
+        for name, label in ins["labels"].items():
+            table.append([f"11 instructions/event ({ins['events'][1]:,} - {ins['events'][0]:,} events)", label,
+                          fmt(ins["per_event"][name]), f"{ratios[name]:.2f}x Starlette f-string"])
+        ratio = ratios["ours_sqlite"]
+        targets.append({"target": f"instructions/event: ours (SQLite) / Starlette f-string <= {ins['target_ratio']:g}x",
+                        "measured": ratio, "pass": ratio <= ins["target_ratio"], "unit": "x"})
     return table, targets
 
 
