@@ -135,6 +135,9 @@ class Segment:
     def runs(self) -> Iterator[tuple[int, int]]:
         """``(lo, hi)`` index ranges of consecutive seqs (a dropped chunk leaves a gap)."""
         seqs, lo = self.seqs, 0
+        if seqs and seqs[-1] - seqs[0] == len(seqs) - 1:  # the usual case, seqs rising with no gap: one run
+            yield 0, len(seqs)
+            return
         for i in range(1, len(seqs)):
             if seqs[i] != seqs[i - 1] + 1:
                 yield lo, i
