@@ -16,7 +16,15 @@ from typing import Any, ParamSpec, overload
 from starlette.types import Scope
 
 from .recorders import Recorder
-from .response import Key, OnDisconnect, RecordedStreamResponse, WireFormat, check_options, resolve_format
+from .response import (
+    Key,
+    OnDisconnect,
+    RecordedStreamResponse,
+    WireFormat,
+    check_options,
+    resolve_format,
+    stream_options,
+)
 
 __all__ = ["recorded_stream"]
 
@@ -42,6 +50,11 @@ def recorded_stream(
     resume: bool = False,
     key: Key = None,
     done_event: bool = True,
+    timeout: float | None = None,
+    idle_timeout: float | None = None,
+    coalesce: float | None = None,
+    progress: float | None = None,
+    fallback: Callable[..., AsyncIterator[Any]] | None = None,
 ) -> Callable[[Callable[P, AsyncIterator[Any]]], Callable[P, Any]]: ...
 
 
@@ -59,6 +72,11 @@ def recorded_stream(
     resume: bool = False,
     key: Key = None,
     done_event: bool = True,
+    timeout: float | None = None,
+    idle_timeout: float | None = None,
+    coalesce: float | None = None,
+    progress: float | None = None,
+    fallback: Callable[..., AsyncIterator[Any]] | None = None,
 ) -> Any:
     """Stream what the decorated async generator yields as SSE, recording it as it goes.
 
@@ -76,9 +94,22 @@ def recorded_stream(
     ``key``: stored with the stream to find it again (a conversation id): a string, or a
     function (sync or async) of the Starlette ``Request``.
     ``done_event``: end a completed stream with ``event: done`` (``{"stream_id", "status"}``).
+    ``timeout``, ``idle_timeout``: seconds for the whole stream, and without an item (the
+    first included); when one fires the generator is cancelled wherever it waits and closed,
+    the client gets ``event: error`` and the record is ``failed`` with a ``TimeoutError``
+    saying which. ``coalesce``: seconds; text items arriving within a window go out as one
+    event (texts joined, its id the last seq in it; OpenAI: one chunk), at most one event per
+    window; the record keeps every item. ``progress``: seconds between ``event: progress``
+    events (``{"chunks", "chars", "elapsed_ms", "chars_per_s"}``; plain SSE only; never
+    recorded or numbered). ``fallback``: an async generator function taking the endpoint's
+    arguments, streamed instead when the generator fails before its first item (the
+    first's error in ``metadata["fallback"]``); a failure after an item is a failure.
     """
     check_options(event, on_disconnect, ping)
     wire = resolve_format(format, done_event=done_event)
+    stream_options(wire, timeout=timeout, idle_timeout=idle_timeout, coalesce=coalesce, progress=progress)
+    if fallback is not None and not inspect.isasyncgenfunction(fallback):
+        raise TypeError(f"fallback must be an async generator function (async def with yield), not {fallback!r}")
     if key is not None and not isinstance(key, str) and not callable(key):
         raise TypeError(f"key must be a str or a callable of the request, not {type(key).__name__}")
 
@@ -100,6 +131,11 @@ def recorded_stream(
                 resume=resume,
                 key=key,
                 request=request,
+                timeout=timeout,
+                idle_timeout=idle_timeout,
+                coalesce=coalesce,
+                progress=progress,
+                fallback=None if fallback is None else lambda: fallback(*args, **kwargs),
             )
 
         for attr in ("__module__", "__name__", "__qualname__", "__doc__"):

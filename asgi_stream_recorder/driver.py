@@ -19,10 +19,12 @@ they share:
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 import anyio
@@ -39,7 +41,7 @@ from .sse import PING, ServerSentEvent, encode, encode_data, to_text
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
 
-__all__ = ["SCOPE_KEY", "Host", "OnDisconnect", "StreamDriver", "unwrap_group"]
+__all__ = ["SCOPE_KEY", "Host", "OnDisconnect", "StreamDriver", "StreamOptions", "unwrap_group"]
 
 log = logging.getLogger("asgi_stream_recorder")
 
@@ -82,6 +84,27 @@ def unwrap_group() -> Iterator[None]:
         raise inner from exc.__cause__
 
 
+@dataclass(frozen=True, slots=True)
+class StreamOptions:
+    """What a decorated stream may add to the driving (each None: off).
+
+    ``timeout``: seconds the whole stream may take; ``idle_timeout``: seconds without an item
+    (the first included). Either one fires: the source is cancelled wherever it waits (a
+    network read too) and closed, the stream ``failed`` with a ``TimeoutError`` saying which.
+    ``coalesce``: seconds; text items arriving within a window go out as one event (its id the
+    last seq in it), at most one event per window, the first item after a quiet window at
+    once; the record keeps every item with its own seq and time. ``progress``: seconds between
+    ``event: progress`` events (counts so far; sent, never recorded, never numbered).
+    ``fallback``: makes a second source, used if the first fails before its first item.
+    """
+
+    timeout: float | None = None
+    idle_timeout: float | None = None
+    coalesce: float | None = None
+    progress: float | None = None
+    fallback: Callable[[], AsyncIterator[Any]] | None = None
+
+
 class StreamDriver:
     """Drives one stream for one client; see the module docstring."""
 
@@ -95,6 +118,7 @@ class StreamDriver:
         format: WireFormat = SSE,
         ping: float | None = 15.0,
         on_disconnect: OnDisconnect = "cancel",
+        options: StreamOptions | None = None,
     ) -> None:
         self.session = session
         self._receive = receive
@@ -121,6 +145,11 @@ class StreamDriver:
         self.forward: Callable[[Message], None] | None = None
         #: bytes sent right after the start (a resumable stream's retry hint)
         self.preamble = b""
+        self.options = options or StreamOptions()
+        self._source: AsyncIterator[Any] | None = None  # the source pumped now (a fallback's, once used)
+        self._pending: list[tuple[int, str, str | None] | bytes] = []  # coalesced, not yet sent
+        self._more: anyio.Event | None = None  # set when something is pending
+        self._sending: anyio.Lock | None = None  # (made when first needed: most streams never coalesce)
 
     # -- facts --------------------------------------------------------------------------
     def attach(self, scope: anyio.CancelScope) -> None:
@@ -194,13 +223,19 @@ class StreamDriver:
             self.client_left()
 
     async def watch(self) -> None:
-        """Read ``receive`` until the client leaves; keep an idle stream alive with pings."""
-        ping, receive = self.ping, self._receive
+        """Read ``receive`` until the client leaves; keep an idle stream alive with pings, and
+        send progress events when asked to."""
+        ping, receive, progress = self.ping, self._receive, self.options.progress
+        next_progress = anyio.current_time() + progress if progress is not None else math.inf
         while not self.client_gone:
             message: Message | None = None
-            if ping is None:
-                message = await receive()
-            else:
+            wait = next_progress - anyio.current_time()
+            if wait <= 0:
+                next_progress += progress or 0.0
+                if self.at_boundary and not self.ended:
+                    await self.send_body(self._progress_event())
+                continue
+            if ping is not None:
                 idle = time.perf_counter() - self._last_send
                 if self.session is not None:
                     idle = min(idle, self.session.idle_seconds())
@@ -209,7 +244,11 @@ class StreamDriver:
                         await self.send_body(PING)
                         continue
                     idle = ping * 0.75  # mid-event: look again soon
-                with anyio.move_on_after(ping - idle):
+                wait = min(wait, ping - idle)
+            if wait == math.inf:
+                message = await receive()
+            else:
+                with anyio.move_on_after(wait):
                     message = await receive()
                 if message is None:
                     continue
@@ -218,6 +257,37 @@ class StreamDriver:
             if self.forward is not None:
                 self.forward(message)
         self.client_left()
+
+    def _progress_event(self) -> bytes:
+        session = self.session
+        assert session is not None
+        elapsed, chars = session.elapsed_ms(), session.char_count
+        rate = round(chars / elapsed * 1000.0, 1) if elapsed > 0 else 0.0
+        return encode(ServerSentEvent({"chunks": session.count, "chars": chars, "elapsed_ms": round(elapsed, 1),
+                                       "chars_per_s": rate}, event="progress"))
+
+    async def _timer(self) -> None:
+        """End the stream when it runs past ``timeout``, or goes ``idle_timeout`` without an item."""
+        timeout, idle_timeout, session = self.options.timeout, self.options.idle_timeout, self.session
+        assert session is not None
+        deadline = anyio.current_time() + timeout if timeout is not None else math.inf
+        while True:
+            wait = deadline - anyio.current_time()
+            if wait <= 0:
+                return self._time_out(f"the stream ran past its timeout of {timeout:g} s")
+            if idle_timeout is not None:
+                idle_left = idle_timeout - session.idle_seconds()
+                if idle_left <= 0:
+                    return self._time_out(f"no token for {idle_timeout:g} s")
+                wait = min(wait, idle_left)
+            await anyio.sleep(wait)
+
+    def _time_out(self, why: str) -> None:
+        if self.error is not None or self.exhausted:
+            return
+        self.error = TimeoutError(why)
+        log.warning("stream %s: %s: stopping it", self.session.id if self.session else "(unrecorded)", why)
+        self._stop()
 
     # -- a decorated generator ------------------------------------------------------------
     async def stream(self, start: Message, source: AsyncIterator[Any], event: str | None) -> None:
@@ -238,14 +308,19 @@ class StreamDriver:
                         self.attach(tg.cancel_scope)
                         if not self.client_gone:
                             tg.start_soon(self.watch)
+                        if self.options.timeout is not None or self.options.idle_timeout is not None:
+                            tg.start_soon(self._timer)
+                        if self.options.coalesce is not None:
+                            tg.start_soon(self._send_coalesced)
                         await self._pump(source, event)
+                        await self._send_pending()  # what the last window still holds
                         tg.cancel_scope.cancel()
         except Exception as exc:  # our own machinery failed (not the source: _pump keeps those)
             self.fail(exc, "the stream's machinery raised")
             raise
         finally:
             with anyio.CancelScope(shield=True):
-                await _close(source)
+                await _close(self._source or source)
                 await self.finish()
 
     async def _pump(self, source: AsyncIterator[Any], default_event: str | None) -> None:
@@ -257,6 +332,8 @@ class StreamDriver:
         custom_wire = type(wire) is not WireFormat
         record_nowait = session.record_nowait
         prefix = session.id_prefix
+        coalesce = self.options.coalesce is not None
+        self._source = source
         next_item = source.__anext__
         while True:
             if self.client_gone and not self.continues:  # seen by the watch (a busy source may not yield to it)
@@ -267,8 +344,22 @@ class StreamDriver:
                 self.exhausted = True
                 return
             except Exception as exc:
-                self.fail(exc, "its source raised")
-                return
+                fallback = self.options.fallback
+                if fallback is None or session.seq or source is not self._source:
+                    self.fail(exc, "its source raised")
+                    return
+                # failed before its first item: the fallback answers instead (never spliced after one)
+                log.warning("stream %s: its source failed before its first item (%r): using the fallback",
+                            session.id, exc)
+                session.metadata["fallback"] = f"{type(exc).__name__}: {exc}"
+                await _close(source)
+                try:
+                    self._source = fallback()
+                    next_item = aiter(self._source).__anext__
+                except Exception as exc2:
+                    self.fail(exc2, "its fallback could not start")
+                    return
+                continue
             try:
                 cls = type(item)
                 if cls is str:
@@ -280,7 +371,10 @@ class StreamDriver:
                             "used for Last-Event-ID resume): leave it None"
                         )
                     if item.text is None:  # a comment or retry hint: sent, not recorded
-                        await self.send_body(encode(item))
+                        if coalesce:
+                            self._queue_send(encode(item))
+                        else:
+                            await self.send_body(encode(item))
                         continue
                     text, event = item.text, item.event or default_event
                     extra = item if item.retry is not None or item.comment is not None else None
@@ -289,7 +383,12 @@ class StreamDriver:
                 seq = session.stamp()
                 if self.client_gone:
                     text.encode()  # what the client could not have been sent is not recorded either
+                elif coalesce and extra is None:
+                    text.encode()  # (a lone surrogate fails here, as it would when sent)
+                    self._queue_send((seq, text, event))
                 else:
+                    if coalesce:
+                        await self._send_pending()  # keep the order
                     if custom_wire or extra is not None:
                         body = wire.chunk(session, Chunk(session.id, seq, text, event, 0.0), extra)
                     elif event is None and "\n" not in text and "\r" not in text:  # the common token: inline
@@ -309,6 +408,58 @@ class StreamDriver:
                 await session.record_waiting(text, event)
             if not seq & 31:  # a source and a send that never suspend would starve the loop
                 await anyio.lowlevel.checkpoint()
+
+    # -- coalescing ----------------------------------------------------------------------------
+    def _queue_send(self, entry: tuple[int, str, str | None] | bytes) -> None:
+        self._pending.append(entry)
+        if self._more is not None:
+            self._more.set()
+
+    async def _send_coalesced(self) -> None:
+        """Send what the pump queued: at once after a quiet window, else at the window's end."""
+        window = self.options.coalesce or 0.0
+        last = -math.inf
+        while not self.client_gone:
+            if not self._pending:
+                self._more = anyio.Event()
+                await self._more.wait()
+                self._more = None
+            wait = last + window - anyio.current_time()
+            if wait > 0:
+                await anyio.sleep(wait)
+            last = anyio.current_time()
+            await self._send_pending()
+
+    async def _send_pending(self) -> None:
+        """One event per run of text items (their texts joined, the id the run's last seq);
+        other entries as they are."""
+        if not self._pending:
+            return
+        if self._sending is None:
+            self._sending = anyio.Lock()
+        async with self._sending:  # the flusher and the pump's last call: one after the other
+            pending, self._pending = self._pending, []
+            if pending and self.session is not None:
+                await self.send_body(self._coalesced(pending, self.session))
+
+    def _coalesced(self, pending: list[tuple[int, str, str | None] | bytes], session: StreamSession) -> bytes:
+        out: list[bytes] = []
+        run: list[str] = []
+        last = 0
+        for entry in [*pending, b""]:  # (a final marker ends the last run)
+            if isinstance(entry, tuple) and entry[2] == session.text_event:
+                last = entry[0]
+                run.append(entry[1])
+                continue
+            if run:
+                out.append(self.format.chunk(session, Chunk(session.id, last, "".join(run), session.text_event, 0.0),
+                                             None))
+                run = []
+            if isinstance(entry, tuple):
+                out.append(self.format.chunk(session, Chunk(session.id, entry[0], entry[1], entry[2], 0.0), None))
+            elif entry:
+                out.append(entry)
+        return b"".join(out)
 
     # -- a followed stream (a join) ----------------------------------------------------------
     async def relay(self, start: Message, follow: Follow, view: StreamSession) -> None:

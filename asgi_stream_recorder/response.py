@@ -9,6 +9,7 @@ through :data:`SCOPE_KEY`.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
@@ -17,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.types import Receive, Scope, Send
 
-from .driver import SCOPE_KEY, OnDisconnect, StreamDriver
+from .driver import SCOPE_KEY, OnDisconnect, StreamDriver, StreamOptions
 from .formats import SSE_HEADERS, WireFormat, going_away_event, resolve_format
 from .join import JoinResponse, parse_event_id
 from .recorders import Recorder, default_recorder
@@ -33,6 +34,7 @@ __all__ = [
     "check_options",
     "going_away_event",
     "resolve_format",
+    "stream_options",
 ]
 
 
@@ -57,14 +59,28 @@ async def _refuse(send: Send) -> None:
     await send({"type": "http.response.body", "body": b"server shutting down"})
 
 
-def check_options(event: str | None, on_disconnect: str, ping: float | None) -> None:
-    """Reject bad options where they are given, not on the first request."""
+def check_options(event: str | None, on_disconnect: str, ping: float | None, **seconds: float | None) -> None:
+    """Reject bad options where they are given, not on the first request. ``seconds``: other
+    options that are a positive number of seconds, or None (timeouts, windows)."""
     if on_disconnect not in ("cancel", "continue"):
         raise ValueError(f"on_disconnect must be 'cancel' or 'continue', not {on_disconnect!r}")
-    if ping is not None and (isinstance(ping, bool) or not isinstance(ping, (int, float)) or not ping > 0):
-        raise ValueError(f"ping must be a positive number of seconds, or None, not {ping!r}")
+    for name, value in {"ping": ping, **seconds}.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not 0 < value < math.inf):
+            raise ValueError(f"{name} must be a positive number of seconds, or None, not {value!r}")
     if event is not None:
         ServerSentEvent(event=event)  # raises on CR/LF
+
+
+def stream_options(format: WireFormat, *, timeout: float | None = None, idle_timeout: float | None = None,
+                   coalesce: float | None = None, progress: float | None = None,
+                   fallback: Callable[[], AsyncIterator[Any]] | None = None) -> StreamOptions:
+    """The driver's options, checked (each may be None)."""
+    check_options(None, "cancel", None, timeout=timeout, idle_timeout=idle_timeout, coalesce=coalesce,
+                  progress=progress)
+    if progress is not None and format.name not in ("sse", "sse-without-done"):
+        raise ValueError(f"progress events are plain SSE events: a {format.name!r} client would not expect them")
+    return StreamOptions(timeout, idle_timeout, coalesce, progress, fallback)
 
 
 class RecordedStreamResponse(Response):
@@ -96,9 +112,16 @@ class RecordedStreamResponse(Response):
         key: Key = None,
         done_event: bool = True,
         request: Request | None = None,
+        timeout: float | None = None,
+        idle_timeout: float | None = None,
+        coalesce: float | None = None,
+        progress: float | None = None,
+        fallback: Callable[[], AsyncIterator[Any]] | None = None,
     ) -> None:
         check_options(event, on_disconnect, ping)
         self.format = resolve_format(format, done_event=done_event)
+        self.options = stream_options(self.format, timeout=timeout, idle_timeout=idle_timeout, coalesce=coalesce,
+                                      progress=progress, fallback=fallback)
         self.resume = resume
         if resume:  # a client that drops comes back for the rest: the generation goes on meanwhile
             on_disconnect = "continue"
@@ -159,7 +182,7 @@ class RecordedStreamResponse(Response):
                                 key=key, format=self.format.name, resumable=self.resume)
         session.begin()
         driver = StreamDriver(session, receive, send, host=host, format=self.format, ping=self.ping,
-                              on_disconnect=self.on_disconnect)
+                              on_disconnect=self.on_disconnect, options=self.options)
         if self.resume:
             driver.preamble = _RETRY_HINT
         await driver.stream(self._start_message(scope), self._source, self.event)
