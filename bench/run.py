@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 FAMILIES = ["inprocess", "server", "recorder", "memory", "disconnect", "looplag", "leaks", "outage", "scale",
-            "instructions"]
+            "coalesce", "instructions"]
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -275,6 +275,13 @@ def rows(res: dict[str, Any]) -> tuple[list[list[str]], list[dict[str, Any]]]:
         ratio = ratios["ours_sqlite"]
         targets.append({"target": f"instructions/event: ours (SQLite) / Starlette f-string <= {ins['target_ratio']:g}x",
                         "measured": ratio, "pass": ratio <= ins["target_ratio"], "unit": "x"})
+    co = res.get("coalesce")
+    if co:
+        for name in ("off", "10ms", "50ms"):
+            c = co[name]
+            table.append([f"12 coalesce, {co['tokens']} fast tokens", f"coalesce={name}",
+                          f"{c['events']} events, {c['bytes']} bytes",
+                          f"{co['cpu_us_per_token'][name]['median']:.1f} us CPU/token ({c['cpu_ratio_to_off']:.2f}x)"])
     return table, targets
 
 

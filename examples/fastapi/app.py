@@ -46,9 +46,10 @@ def create_app(*, db_path: str | None = None, token_delay: float | None = None) 
 
     # resume=True: a browser that loses the connection reconnects with Last-Event-ID and gets
     # the rest of the same answer (the generator is not called again); key=: the page's
-    # conversation id (?conversation=), to find an answer still streaming after a reload.
+    # conversation id (?conversation=), to find an answer still streaming after a reload;
+    # timeout=/idle_timeout=: a stuck model ends the answer "failed" with a TimeoutError saying which.
     @app.get("/api/chat")
-    @recorded_stream(resume=True, key=conversation_key)
+    @recorded_stream(resume=True, key=conversation_key, timeout=300, idle_timeout=60)
     async def chat_get(
         prompt: Annotated[str, Query(min_length=1, max_length=4000)],
         max_tokens: int | None = None,
@@ -58,7 +59,7 @@ def create_app(*, db_path: str | None = None, token_delay: float | None = None) 
             yield token
 
     @app.post("/api/chat")
-    @recorded_stream(resume=True, key=conversation_key)
+    @recorded_stream(resume=True, key=conversation_key, timeout=300, idle_timeout=60)
     async def chat_post(body: ChatRequest) -> AsyncIterator[Token]:
         """For fetch streaming: ``POST /api/chat?conversation=...`` with ``{"prompt": ..., "max_tokens": ...}``."""
         async for token in generate(body.prompt, settings=settings, max_tokens=body.max_tokens):

@@ -52,7 +52,7 @@ def create_app(*, db_path: str | None = None, token_delay: float | None = None) 
     # the rest of the same answer (the generator is not called again); key=: the page's
     # conversation id (?conversation=), to find an answer still streaming after a reload.
     @get("/api/chat")
-    @recorded_stream(resume=True, key=conversation_key)
+    @recorded_stream(resume=True, key=conversation_key, timeout=300, idle_timeout=60)
     async def chat_get(
         prompt: Annotated[str, Parameter(description="what to ask", min_length=1, max_length=4000)],
         max_tokens: Annotated[int | None, Parameter(description="at most this many tokens")] = None,
@@ -62,7 +62,7 @@ def create_app(*, db_path: str | None = None, token_delay: float | None = None) 
             yield token
 
     @post("/api/chat")
-    @recorded_stream(resume=True, key=conversation_key)
+    @recorded_stream(resume=True, key=conversation_key, timeout=300, idle_timeout=60)
     async def chat_post(
         data: Annotated[ChatRequest, Body(media_type=RequestEncodingType.JSON)],
     ) -> AsyncIterator[Token]:
