@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 from .app import stream_app
 from .decorator import recorded_stream
 from .join import join_response
+from .manual import ManualStream, StreamEnded
 from .middleware import StreamRecorderMiddleware
 from .recorders import (
     Backend,
@@ -28,6 +29,7 @@ from .response import RecordedStreamResponse
 if TYPE_CHECKING:
     from .recorders.postgres import PostgresRecorder
     from .recorders.redis import RedisRecorder
+from .sentences import sentences
 from .session import StreamSession, current_stream
 from .sse import ServerSentEvent, SSEParser, encode
 from .streams import streams_app
@@ -35,6 +37,7 @@ from .streams import streams_app
 __all__ = [
     "Backend",
     "Chunk",
+    "ManualStream",
     "MemoryBackend",
     "MemoryRecorder",
     "PostgresRecorder",
@@ -47,6 +50,7 @@ __all__ = [
     "SQLiteRecorder",
     "SSEParser",
     "ServerSentEvent",
+    "StreamEnded",
     "StreamRecord",
     "StreamRecorderMiddleware",
     "StreamSession",
@@ -57,6 +61,7 @@ __all__ = [
     "join_response",
     "open_recorder",
     "recorded_stream",
+    "sentences",
     "stream_app",
     "streams_app",
 ]

@@ -26,7 +26,7 @@ import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .app import answer_lifespan
-from .driver import StreamDriver
+from .manual import Interruptible
 from .recorders import Recorder, default_recorder
 from .recorders.buffered import RecorderError
 from .response import SCOPE_KEY
@@ -100,7 +100,7 @@ class StreamRecorderMiddleware:
         self.recover = recover
         self.handle_signals = handle_signals
         self.shutting_down = False
-        self._active: set[StreamDriver] = set()
+        self._active: set[Interruptible] = set()  # drivers, and manual streams of our recorder
         self._idle: anyio.Event | None = None
         self._tasks: anyio.abc.TaskGroup | None = None  # ours while the lifespan runs
         self._background_count = 0
@@ -127,10 +127,10 @@ class StreamRecorderMiddleware:
         await tap.run(self.app)
 
     # -- streams in flight -------------------------------------------------------------------
-    def track(self, stream: StreamDriver) -> None:
+    def track(self, stream: Interruptible) -> None:
         self._active.add(stream)
 
-    def untrack(self, stream: StreamDriver) -> None:
+    def untrack(self, stream: Interruptible) -> None:
         self._active.discard(stream)
         if not self._active and self._idle is not None:
             self._idle.set()
@@ -190,6 +190,7 @@ class StreamRecorderMiddleware:
             await self.recorder.recover()
         if self.handle_signals:
             self._restore_signals = listen_for_shutdown(self, self.begin_shutdown)
+        self.recorder.host = self  # manual streams (recorder.stream()) register for our shutdown
 
     async def _shutdown(self) -> None:
         """End every stream, then drain the recorder: all within ``shutdown_timeout``."""
@@ -209,6 +210,9 @@ class StreamRecorderMiddleware:
                 await self.recorder.close(timeout=max(deadline - anyio.current_time(), 0.1))
             except RecorderError as exc:
                 log.error("asgi_stream_recorder: %s", exc)
+            finally:
+                if self.recorder.host is self:
+                    self.recorder.host = None
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         phase = "before"

@@ -11,9 +11,9 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
@@ -21,6 +21,9 @@ from .base import Backend, Chunk, StreamEnd, StreamRecord, StreamStart, StreamSt
 from .buffered import BufferedWriter, Policy, RecorderError, _loop_token, _spawn
 from .live import FOLLOWER_BUFFER, Follow, LiveHub
 from .storable import UNSTORABLE_KEY, storable_metadata, storable_text
+
+if TYPE_CHECKING:
+    from ..manual import ManualStream, StreamHost
 
 __all__ = ["Recorder"]
 
@@ -83,6 +86,8 @@ class Recorder:
         #: True when opened by the user or the middleware, who will close it; a lazily
         #: opened recorder is flushed at the end of each stream instead.
         self.managed = False
+        #: the middleware running with this recorder (during its lifespan), which ends manual streams at shutdown
+        self.host: StreamHost | None = None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.backend!r})"
@@ -135,6 +140,14 @@ class Recorder:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.close()
+
+    def stream(self, *, metadata: Mapping[str, Any] | None = None, key: str | None = None,
+               text_event: str | None = None, id: str | None = None) -> ManualStream:
+        """A stream recorded by hand: ``async with recorder.stream() as s: await s.append(text)``
+        (see :class:`~asgi_stream_recorder.manual.ManualStream`)."""
+        from ..manual import ManualStream  # (manual imports the session, which imports this module)
+
+        return ManualStream(self, metadata=metadata, key=key, text_event=text_event, id=id)
 
     # -- the record path: queue only, never touch storage ------------------------------
     def start(self, start: StreamStart) -> None:
