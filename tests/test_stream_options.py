@@ -353,3 +353,31 @@ async def test_an_event_item_in_a_coalesced_stream_keeps_its_place() -> None:
     # event as itself, then the text after it
     assert got == [(None, "ab", "2"), ("tool", "{\"tool\": 1}", "3"), (None, "c", "4")]
     assert record.content == "abc" and record.chunk_count == 4
+
+
+async def test_sentences_over_a_real_server() -> None:
+    from contextlib import aclosing
+
+    from asgi_stream_recorder import sentences
+
+    recorder = MemoryRecorder()
+    text = "Dr. Smith arrived at 3.15 p.m. today. Was it late?! No\u2026 Not at all.\n\nNext par"
+
+    async def tokens() -> AsyncIterator[str]:
+        for i in range(0, len(text), 3):
+            yield text[i:i + 3]
+
+    @recorded_stream(recorder=recorder, ping=None)
+    async def speak(request: Request) -> AsyncIterator[str]:
+        async with aclosing(sentences(tokens())) as parts:
+            async for sentence in parts:
+                yield sentence
+
+    async with recorder, served(speak=speak) as url:
+        with anyio.fail_after(10):
+            sid, events = await read_events(f"{url}/speak")
+            record = await stored(recorder, sid)
+    got = [e.data for e in data_of(events)]
+    assert got == ["Dr. Smith arrived at 3.15 p.m. today. ", "Was it late?! ", "No\u2026 ", "Not at all.\n\n",
+                   "Next par"]
+    assert record.content == text and record.chunk_count == len(got)
