@@ -262,3 +262,33 @@ async def test_raw_asgi_app_refuses_other_methods(tmp_path: Path) -> None:
                 response = await client.get(f"{url}/chat/a")
     assert response.status_code == 405
     assert response.headers["allow"] == "POST"
+
+
+async def test_fastapi_documents_a_stream_as_text_event_stream_with_response_class() -> None:
+    """FastAPI documents an endpoint by its ``response_class`` (JSON by default): naming
+    ``RecordedStreamResponse`` there makes the OpenAPI say ``text/event-stream``, and the
+    stream still goes out as the decorator made it."""
+    from fastapi import FastAPI
+
+    from asgi_stream_recorder import MemoryRecorder, RecordedStreamResponse, recorded_stream
+    from asgi_stream_recorder.testing import sse_client
+
+    recorder = MemoryRecorder()
+    app = FastAPI()
+
+    @app.get("/chat", response_class=RecordedStreamResponse)
+    @recorded_stream(recorder=recorder)
+    async def chat(prompt: str) -> AsyncIterator[str]:
+        yield prompt
+
+    @app.get("/undocumented")
+    @recorded_stream(recorder=recorder)
+    async def undocumented(prompt: str) -> AsyncIterator[str]:
+        yield prompt
+
+    paths = app.openapi()["paths"]
+    assert list(paths["/chat"]["get"]["responses"]["200"]["content"]) == ["text/event-stream"]
+    assert list(paths["/undocumented"]["get"]["responses"]["200"]["content"]) == ["application/json"]
+    async with recorder, sse_client(app) as client, client.stream("GET", "/chat?prompt=hi") as s:
+        assert s.headers["content-type"].startswith("text/event-stream")
+        assert [e.data async for e in s.events() if e.event is None] == ["hi"]
