@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import socket
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -113,3 +114,15 @@ class Place:
                     await client.delete(*keys)
             finally:
                 await client.aclose()
+
+
+@pytest.fixture(name="place", params=["sqlite", "postgres", "redis"])
+async def shared_place(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Place]:
+    """A place that several server processes share (a file, a schema, a key prefix): the
+    backends a multi-process deployment can use. Import it into a test module to use it."""
+    require(request.param)
+    where = Place(request.param, tmp_path)
+    try:
+        yield where
+    finally:
+        await where.remove()

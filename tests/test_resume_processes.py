@@ -33,7 +33,7 @@ from asgi_stream_recorder import Chunk, StreamRecord, StreamStatus
 from asgi_stream_recorder.sse import ServerSentEvent
 
 from .apps.resume_app import token
-from .backends import Place, require
+from .backends import Place, shared_place  # noqa: F401 - the fixture "place", over every shared backend
 from .servers import free_port, wait_until_answering
 from .test_resume import Wire, assert_final, connect, seq_of
 from .test_shutdown import AppProcess
@@ -51,16 +51,6 @@ LEASE = "1.5"  # seconds: a killed producer's streams are ended soon after
 def anyio_backend() -> str:
     """The servers run their own (asyncio) loops: the client side runs on asyncio only."""
     return "asyncio"
-
-
-@pytest.fixture(params=["sqlite", "postgres", "redis"])
-async def place(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Place]:
-    require(request.param)
-    where = Place(request.param, tmp_path)
-    try:
-        yield where
-    finally:
-        await where.remove()
 
 
 @asynccontextmanager

@@ -26,7 +26,7 @@ import pytest
 from asgi_stream_recorder import StreamStatus
 from asgi_stream_recorder.sse import SSEParser
 
-from .backends import Place, require
+from .backends import Place, shared_place  # noqa: F401 - the fixture "place", over every shared backend
 from .servers import free_port, wait_until_answering
 
 pytestmark = pytest.mark.anyio
@@ -40,16 +40,6 @@ LEASE = 2.0
 def anyio_backend() -> str:
     """The servers run their own (asyncio) loops: the client side runs on asyncio only."""
     return "asyncio"
-
-
-@pytest.fixture(params=["sqlite", "postgres", "redis"])
-async def place(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Place]:
-    require(request.param)
-    where = Place(request.param, tmp_path)
-    try:
-        yield where
-    finally:
-        await where.remove()
 
 
 @dataclass
