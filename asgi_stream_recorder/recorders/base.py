@@ -10,7 +10,6 @@ transports).
 from __future__ import annotations
 
 import abc
-import array
 import enum
 import os
 import socket
@@ -96,8 +95,10 @@ class Segment:
     """A run of one stream's chunks queued together, kept as columns.
 
     Columns rather than a tuple per chunk: a queued chunk then costs no object the
-    garbage collector tracks (strings and array items are untracked), so a full queue
+    garbage collector tracks (strings, ints and floats are untracked), so a full queue
     never makes the collector walk millions of objects (see ``bench/looplag.py``).
+    Lists rather than ``array.array``: appending to an array parses its argument, which
+    cost about 600 instructions per chunk (``bench/instructions.py``). ``seqs`` rise.
     ``events`` stays None while every chunk has the default event.
     """
 
@@ -105,10 +106,10 @@ class Segment:
 
     def __init__(self, stream_id: str) -> None:
         self.stream_id = stream_id
-        self.seqs = array.array("q")
+        self.seqs: list[int] = []
         self.data: list[str] = []
         self.events: list[str | None] | None = None
-        self.at_ms = array.array("d")
+        self.at_ms: list[float] = []
 
     def __len__(self) -> int:
         return len(self.data)
@@ -124,10 +125,10 @@ class Segment:
 
     def clear(self) -> None:
         """Empty it for reuse, in place: no new object for the garbage collector to track."""
-        del self.seqs[:]
+        self.seqs.clear()
         self.data.clear()
         self.events = None
-        del self.at_ms[:]
+        self.at_ms.clear()
 
     def event_list(self) -> list[str | None]:
         return self.events if self.events is not None else [None] * len(self.data)

@@ -484,8 +484,8 @@ def _columns(segments: list[Segment]) -> tuple[list[str], array.array[int], list
     for seg, has_nul in zip(segments, nul, strict=True):
         n = len(seg)
         ids += [seg.stream_id] * n
-        seqs += seg.seqs
-        at_ms += seg.at_ms
+        seqs.extend(seg.seqs)
+        at_ms.extend(seg.at_ms)
         if not has_nul:
             data += seg.data
             events += seg.event_list() if named else ()

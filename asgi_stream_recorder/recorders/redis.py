@@ -290,7 +290,7 @@ class RedisBackend(Backend):
         payload = _dumps([
             [[s.id, repr(s.created_at), _dumps(s.metadata), s.path, s.method, s.text_event, s.owner, s.key, s.format]
              for s in batch.starts],
-            [[g.stream_id, g.seqs.tolist(), g.data, g.events, list(map(repr, g.at_ms))] for g in batch.segments],
+            [[g.stream_id, g.seqs, g.data, g.events, list(map(repr, g.at_ms))] for g in batch.segments],
             [[e.id, str(e.status), repr(e.completed_at), e.error, _dumps(e.metadata), e.content, e.chunk_count]
              for e in batch.ends],
         ])

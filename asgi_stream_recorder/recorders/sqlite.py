@@ -17,7 +17,7 @@ import sqlite3
 import sys
 import threading
 import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -120,7 +120,7 @@ _COLUMNS = (
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
-def _pack(times: array.array[float]) -> bytes:
+def _pack(times: Sequence[float]) -> bytes:
     packed = array.array("d", times)
     if sys.byteorder == "big":
         packed.byteswap()
