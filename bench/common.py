@@ -93,10 +93,15 @@ class NullBackend(Backend):
     async def chunks(self, stream_id: str, after: int = 0) -> list[Chunk]:
         return []
 
-    async def list_streams(self, status: StreamStatus | str | None = None, limit: int = 100) -> list[StreamRecord]:
+    async def list_streams(
+        self, status: StreamStatus | str | None = None, limit: int = 100, key: str | None = None
+    ) -> list[StreamRecord]:
         return []
 
-    async def recover(self, is_orphan: Callable[[str], bool]) -> int:
+    async def heartbeat(self, owner: str, at: float) -> None:
+        return None
+
+    async def recover(self, stale_before: float) -> int:
         return 0
 
 
