@@ -101,6 +101,11 @@ def stream_app(
     resume: bool = False,
     key: Key = None,
     done_event: bool = True,
+    timeout: float | None = None,
+    idle_timeout: float | None = None,
+    coalesce: float | None = None,
+    progress: float | None = None,
+    fallback: Callable[[Request], AsyncIterator[Any]] | None = None,
 ) -> StreamApp:
     """An ASGI app that answers every HTTP request with ``source(request)``'s items as a
     recorded event stream.
@@ -124,5 +129,10 @@ def stream_app(
         resume=resume,
         key=key,
         done_event=done_event,
+        timeout=timeout,
+        idle_timeout=idle_timeout,
+        coalesce=coalesce,
+        progress=progress,
+        fallback=fallback,
     )(source)
     return StreamApp(source, endpoint, methods)

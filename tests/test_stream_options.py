@@ -381,3 +381,24 @@ async def test_sentences_over_a_real_server() -> None:
     assert got == ["Dr. Smith arrived at 3.15 p.m. today. ", "Was it late?! ", "No\u2026 ", "Not at all.\n\n",
                    "Next par"]
     assert record.content == text and record.chunk_count == len(got)
+
+
+async def test_stream_app_takes_the_same_options() -> None:
+    from asgi_stream_recorder import stream_app
+
+    recorder = MemoryRecorder()
+
+    async def slow(request: Request) -> AsyncIterator[str]:
+        yield "a"
+        await anyio.sleep(30)
+        yield "b"
+
+    with pytest.raises(ValueError, match="idle_timeout"):
+        stream_app(slow, idle_timeout=0)
+    app = stream_app(slow, recorder=recorder, idle_timeout=0.3, ping=None)
+    async with recorder, serve(app) as url:
+        with anyio.fail_after(10):
+            sid, events = await read_events(url)
+            record = await stored(recorder, sid)
+    assert [e.event for _, e in events] == [None, "error"]
+    assert record.error == "TimeoutError: no token for 0.3 s"
