@@ -8,6 +8,7 @@ installed. :class:`FakeOpenAI` (an OpenAI-compatible ASGI app to serve) comes fr
 
 from __future__ import annotations
 
+from .anthropic_server import FakeAnthropic
 from .assertions import assert_recorded, wait_recorded
 from .client import ClientDisconnected, LifespanError, SSEClient, SSEClientFactory, SSEStream, sse_client
 from .fakes import (
@@ -24,6 +25,7 @@ from .openai_server import FakeOpenAI, FakeRequest, FakeToolCall
 
 __all__ = [
     "ClientDisconnected",
+    "FakeAnthropic",
     "FakeAsyncOpenAI",
     "FakeChatCompletionChunk",
     "FakeOpenAI",
