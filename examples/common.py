@@ -1,9 +1,10 @@
 """What both example apps share: settings from the environment, the token sources, the chat
 page, the conversation key and the authorization hook of the mounted streams app.
 
-The token source is an offline generator unless ``OPENAI_API_KEY`` is set, in which case an
+The token source is an offline generator unless a key is set: with ``OPENAI_API_KEY`` an
 OpenAI-compatible model streams the answer (``OPENAI_BASE_URL`` and ``OPENAI_MODEL`` pick
-the server and the model).
+the server and the model), else with ``ANTHROPIC_API_KEY`` an Anthropic model does
+(``ANTHROPIC_BASE_URL``, ``ANTHROPIC_MODEL``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import ipaddress
 import os
 import re
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from typing import Any
 import anyio
 
 from asgi_stream_recorder import ServerSentEvent, current_stream
+from asgi_stream_recorder.integrations.anthropic import anthropic_text
 from asgi_stream_recorder.integrations.openai import openai_text
 
 __all__ = [
@@ -54,8 +57,12 @@ class Settings:
     openai_api_key: str | None = field(default_factory=lambda: os.environ.get("OPENAI_API_KEY") or None)
     openai_base_url: str | None = field(default_factory=lambda: os.environ.get("OPENAI_BASE_URL") or None)
     openai_model: str = field(default_factory=lambda: os.environ.get("OPENAI_MODEL") or "gpt-4o-mini")
+    anthropic_api_key: str | None = field(default_factory=lambda: os.environ.get("ANTHROPIC_API_KEY") or None)
+    anthropic_base_url: str | None = field(default_factory=lambda: os.environ.get("ANTHROPIC_BASE_URL") or None)
+    anthropic_model: str = field(default_factory=lambda: os.environ.get("ANTHROPIC_MODEL") or "claude-sonnet-4-5")
 
     _openai_client: Any = field(default=None, init=False, repr=False)
+    _anthropic_client: Any = field(default=None, init=False, repr=False)
 
     @classmethod
     def overridden(cls, *, db_path: str | None = None, token_delay: float | None = None) -> Settings:
@@ -65,7 +72,10 @@ class Settings:
 
     @property
     def source(self) -> str:
-        return "openai" if self.openai_api_key else "offline"
+        """``openai`` with ``OPENAI_API_KEY``, else ``anthropic`` with ``ANTHROPIC_API_KEY``, else ``offline``."""
+        if self.openai_api_key:
+            return "openai"
+        return "anthropic" if self.anthropic_api_key else "offline"
 
     def openai_client(self) -> Any:
         """One ``openai.AsyncOpenAI`` per app (its connection pool is reused), made on first use."""
@@ -75,11 +85,22 @@ class Settings:
             self._openai_client = openai.AsyncOpenAI(api_key=self.openai_api_key, base_url=self.openai_base_url)
         return self._openai_client
 
+    def anthropic_client(self) -> Any:
+        """One ``anthropic.AsyncAnthropic`` per app, made on first use."""
+        if self._anthropic_client is None:
+            import anthropic
+
+            self._anthropic_client = anthropic.AsyncAnthropic(api_key=self.anthropic_api_key,
+                                                              base_url=self.anthropic_base_url)
+        return self._anthropic_client
+
     async def aclose(self) -> None:
-        """Close the OpenAI client, if one was made: call it at the app's shutdown."""
-        client, self._openai_client = self._openai_client, None
-        if client is not None:
-            await client.close()
+        """Close the model clients that were made: call it at the app's shutdown."""
+        clients = (self._openai_client, self._anthropic_client)
+        self._openai_client = self._anthropic_client = None
+        for client in clients:
+            if client is not None:
+                await client.close()
 
 
 def clamp_max_tokens(value: int | None) -> int:
@@ -162,12 +183,26 @@ async def openai_tokens(
         await response.close()  # when our client leaves, stop the generation upstream too
 
 
+# -- the Anthropic token source ----------------------------------------------------------------
+async def anthropic_tokens(prompt: str, *, settings: Settings, max_tokens: int) -> AsyncIterator[Token]:
+    """The model's answer as text (``anthropic_text`` records model, stop reason and usage)."""
+    stream = settings.anthropic_client().messages.create(
+        model=settings.anthropic_model, max_tokens=max_tokens, stream=True,
+        messages=[{"role": "user", "content": prompt}],
+    )
+    async with aclosing(anthropic_text(stream)) as items:
+        async for item in items:
+            yield item
+
+
 def generate(prompt: str, *, settings: Settings, max_tokens: int | None) -> AsyncIterator[Token]:
     """The token source the settings choose; it also records the prompt with the stream."""
     limit = clamp_max_tokens(max_tokens)
     current_stream().metadata.update(prompt=prompt[:500], source=settings.source, max_tokens=limit)
-    if settings.openai_api_key:
+    if settings.source == "openai":
         return openai_tokens(prompt, settings=settings, max_tokens=limit)
+    if settings.source == "anthropic":
+        return anthropic_tokens(prompt, settings=settings, max_tokens=limit)
     return offline_tokens(prompt, delay=settings.token_delay, max_tokens=limit)
 
 

@@ -29,7 +29,8 @@ EXAMPLES: dict[str, Callable[..., Any]] = {"fastapi": create_fastapi_app, "lites
 @pytest.fixture(autouse=True)
 def offline(monkeypatch: pytest.MonkeyPatch) -> None:
     """The examples pick the OpenAI source when a key is set: these tests use the offline one."""
-    for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "OPENAI_MODEL"):
+    for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "OPENAI_MODEL", "ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL",
+                 "ANTHROPIC_MODEL"):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -326,3 +327,32 @@ async def test_example_streams_an_openai_compatible_model_when_a_key_is_set(
     [request] = fake.requests
     assert request.body["model"] == "gpt-test" and request.body["stream"] is True
     assert request.body["messages"] == [{"role": "user", "content": "Hello?"}]
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+async def test_example_streams_an_anthropic_model_when_its_key_is_set(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from asgi_stream_recorder.testing import FakeAnthropic
+
+    fake = FakeAnthropic("Claude streams too, token by token.", model="claude-test", api_key="test-key")
+    db = tmp_path / "streams.db"
+    with anyio.fail_after(20):
+        async with serve(fake) as fake_url:
+            monkeypatch.setenv("ANTHROPIC_API_KEY", "test-key")
+            monkeypatch.setenv("ANTHROPIC_BASE_URL", fake_url)
+            monkeypatch.setenv("ANTHROPIC_MODEL", "claude-test")
+            app = EXAMPLES[name](db_path=str(db))
+            async with serve(app) as url, httpx.AsyncClient(timeout=5) as client:
+                page = (await client.get(f"{url}/")).text
+                read = await read_stream(client, "POST", f"{url}/api/chat", json={"prompt": "Hello?"})
+                await settled(client, url, 1)
+        records = await stored(db)
+
+    assert read.text == "Claude streams too, token by token." and len(read.texts) > 1
+    assert done_data(read)["status"] == "completed"
+    assert "tokens: anthropic" in page
+    [record] = records
+    assert record.content == read.text and record.metadata["source"] == "anthropic"
+    assert record.metadata["model"] == "claude-test" and record.metadata["stop_reason"] == "end_turn"
+    assert "test-key" not in str(record.metadata)

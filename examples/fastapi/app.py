@@ -33,7 +33,7 @@ def create_app(*, db_path: str | None = None, token_delay: float | None = None) 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
-        await settings.aclose()  # the OpenAI client, if the app made one
+        await settings.aclose()  # the model clients, if the app made any
 
     app = FastAPI(title="asgi_stream_recorder chat (FastAPI)", lifespan=lifespan)
     # Opens the recorder at startup and drains it at shutdown; decorated streams record into it.

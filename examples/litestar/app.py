@@ -40,7 +40,7 @@ def create_app(*, db_path: str | None = None, token_delay: float | None = None) 
         # so the app opens and drains the recorder itself (see README, Frameworks: Litestar).
         async with recorder:
             yield
-            await settings.aclose()  # the OpenAI client, if the app made one
+            await settings.aclose()  # the model clients, if the app made any
 
     page = chat_page("Litestar", settings.source)
 
