@@ -5,7 +5,8 @@ and ``@recorded_stream(resume=True)`` use it. Event ids are ``<stream_id>:<seq>`
 resumable form), and a join accepts that form or a plain seq, from the ``Last-Event-ID``
 header, an ``after`` argument or an ``?after=`` query parameter. The answer:
 
-* ``200`` and the stream: what is stored after that id, then live until the stream ends,
+* ``200`` and the stream: what is stored after that id (from the start: after the format's
+  opening bytes, such as the AI SDK's ``start`` part), then live until the stream ends,
   then the same last event its producer's client got (``done``, ``error``, ``shutdown``),
   in the format the stream was produced in (unless told otherwise);
 * ``204`` when the stream is over and the client already has every chunk (what stops a
@@ -16,7 +17,7 @@ header, an ``after`` argument or an ``?after=`` query parameter. The answer:
 from __future__ import annotations
 
 from starlette.responses import PlainTextResponse, Response
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from .driver import SCOPE_KEY, StreamDriver
 from .formats import SSE_HEADERS, WireFormat, resolve_format
@@ -132,7 +133,9 @@ class JoinResponse:
         if self.path is not None and produced_at != self.path:
             await self._refuse(scope, receive, send, 400, "the event id belongs to a stream of another endpoint")
             return
-        if record is not None and record.finished and not await recorder.chunks(sid, after):
+        # Over, and the client has it all; or, joining by key, over at all (it ended since the
+        # list was read: the list may lag this recorder's queue, the record read above does not).
+        if record is not None and record.finished and (self.key is not None or not await recorder.chunks(sid, after)):
             await self._refuse(scope, receive, send, 204, "")
             return
         # The stream as its format sees it: its id, metadata, start time, text event.
@@ -148,13 +151,28 @@ class JoinResponse:
             name = name or source.format
         wire = resolve_format(name or "sse")
         host = getattr(state, "middleware", None)
+        if after == 0:  # the whole stream again: from the format's opening bytes (the AI SDK's ``start``)
+            send = _opening(send, wire.begin(view))
         driver = StreamDriver(None, receive, send, host=host, format=wire, ping=self.ping)
-        headers = [(k.encode(), v.encode()) for k, v in SSE_HEADERS.items()]
+        headers = [(k.encode(), v.encode()) for k, v in {**SSE_HEADERS, **wire.headers}.items()]
         headers += [(b"content-type", b"text/event-stream; charset=utf-8"), (b"x-stream-id", sid.encode())]
         if scope.get("http_version") == "1.1":
             headers.append((b"connection", b"keep-alive"))
         await driver.relay({"type": "http.response.start", "status": 200, "headers": headers},
                            recorder.follow(sid, after), view)
+
+
+def _opening(send: Send, body: bytes) -> Send:
+    """``send`` that follows the response's start with ``body`` (when there is one)."""
+    if not body:
+        return send
+
+    async def send_opening(message: Message) -> None:
+        await send(message)
+        if message["type"] == "http.response.start":
+            await send({"type": "http.response.body", "body": body, "more_body": True})
+
+    return send_opening
 
 
 def join_response(

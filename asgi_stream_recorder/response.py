@@ -138,7 +138,7 @@ class RecordedStreamResponse(Response):
         self.background = background
         # Header names are case-insensitive: a user's "Cache-Control" replaces ours, never doubles it.
         user = {name.lower(): value for name, value in (headers or {}).items()}
-        self.init_headers({**SSE_HEADERS, **user, "x-stream-id": self.stream_id})
+        self.init_headers({**SSE_HEADERS, **self.format.headers, **user, "x-stream-id": self.stream_id})
         self._source: AsyncIterator[Any] = aiter(content)
 
     def _start_message(self, scope: Scope) -> dict[str, Any]:
@@ -180,11 +180,11 @@ class RecordedStreamResponse(Response):
         session = StreamSession(recorder, id=self.stream_id, metadata=dict(metadata or {}),
                                 path=scope.get("path"), method=scope.get("method"), text_event=self.event,
                                 key=key, format=self.format.name, resumable=self.resume)
+        opening = (_RETRY_HINT if self.resume else b"") + self.format.begin(session)  # (before it is recorded)
         session.begin()
         driver = StreamDriver(session, receive, send, host=host, format=self.format, ping=self.ping,
                               on_disconnect=self.on_disconnect, options=self.options)
-        if self.resume:
-            driver.preamble = _RETRY_HINT
+        driver.preamble = opening
         await driver.stream(self._start_message(scope), self._source, self.event)
         if self.background is not None:
             await self.background()

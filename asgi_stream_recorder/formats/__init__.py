@@ -1,92 +1,60 @@
-"""Wire formats: how a stream's chunks, its end, an error and a shutdown look to the client.
+"""Wire formats: how a stream's chunks, its end, an error, a ping and a shutdown look to the client.
 
-The record is the same whatever the format; a format only changes the bytes sent.
-:class:`WireFormat` is plain SSE (``id: <seq>``, the chunk's event name, its text as
-``data``); ``format="openai"`` is :class:`~asgi_stream_recorder.integrations.openai.OpenAIFormat`.
+The record is the same whatever the format; a format only changes the bytes sent. The
+protocol is :class:`WireFormat` (whose defaults are plain SSE); the built-in formats, chosen
+by name or passed as objects, are:
+
+* ``"sse"``: plain SSE (``id: <seq>``, the chunk's event name, its text as ``data``), ending
+  with ``event: done``; ``"sse-without-done"`` without it;
+* ``"openai"``: :class:`OpenAIFormat`, ``chat.completion.chunk`` events and ``data: [DONE]``;
+* ``"ai-sdk"``: :class:`AISDKFormat`, the Vercel AI SDK's UI message stream (``useChat``).
+
+Adding one is a module here with a :class:`WireFormat` subclass, and its name in
+:data:`FORMATS`. The integrations adapt sources (provider streams) and never make bytes.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
-from ..recorders.base import Chunk
-from ..sse import ServerSentEvent, encode, encode_data
+from .ai_sdk import AISDKFormat
+from .base import REFUSAL_EVENT, SSE_HEADERS, THINKING_EVENT, TOOL_CALL_EVENT, WireFormat, going_away_event
+from .openai import OpenAIFormat
 
-if TYPE_CHECKING:
-    from ..session import StreamSession
-
-__all__ = ["SSE_HEADERS", "WireFormat", "going_away_event", "resolve_format"]
-
-#: Headers every event stream needs so that proxies and browsers neither cache nor buffer it.
-SSE_HEADERS = {
-    "cache-control": "no-cache, no-transform",
-    "x-accel-buffering": "no",
-}
-
-
-def going_away_event(stream_id: str, last_seq: int) -> bytes:
-    """The last event of a stream ended by a shutdown; the client may reconnect with Last-Event-ID."""
-    return encode(
-        ServerSentEvent(
-            {"message": "server shutting down", "stream_id": stream_id, "last_event_id": str(last_seq)},
-            event="shutdown",
-            retry=1000,
-        )
-    )
-
-
-class WireFormat:
-    """Plain SSE. Subclasses change the bytes the client sees, never what is recorded.
-
-    ``done_event``: end a completed (or cancelled-on-request) stream with ``event: done``
-    whose data is ``{"stream_id": ..., "status": ...}`` and no ``id`` (so ``Last-Event-ID``
-    stays on the last chunk), telling a finished answer from a dropped connection.
-    """
-
-    #: the name the stream's record keeps, so a join speaks the same format
-    name = "sse"
-
-    def __init__(self, *, done_event: bool = True) -> None:
-        self.done_event = done_event
-        if not done_event:
-            self.name = "sse-without-done"
-
-    def chunk(self, session: StreamSession, chunk: Chunk, extra: ServerSentEvent | None) -> bytes:
-        """Bytes for one data chunk; ``extra`` carries a yielded event's ``retry``/``comment``."""
-        if extra is None:
-            return encode_data(chunk.data, session.event_id(chunk.seq), chunk.event)
-        return encode(ServerSentEvent(chunk.data, event=chunk.event, id=session.event_id(chunk.seq),
-                                      retry=extra.retry, comment=extra.comment))
-
-    def end(self, session: StreamSession) -> bytes:
-        """Bytes after the last chunk of a stream that completed (or was cancelled on request)."""
-        if not self.done_event:
-            return b""
-        return encode(ServerSentEvent({"stream_id": session.id, "status": str(session.status)}, event="done"))
-
-    def error(self, session: StreamSession) -> bytes:
-        """What the client is told when the stream fails: no error text (it may hold secrets)."""
-        return encode(ServerSentEvent({"message": "stream failed", "stream_id": session.id}, event="error"))
-
-    def shutdown(self, session: StreamSession) -> bytes:
-        """The last event of a stream the server ended while shutting down."""
-        return going_away_event(session.id, session.seq)
-
+__all__ = [
+    "FORMATS",
+    "REFUSAL_EVENT",
+    "SSE",
+    "SSE_HEADERS",
+    "THINKING_EVENT",
+    "TOOL_CALL_EVENT",
+    "AISDKFormat",
+    "OpenAIFormat",
+    "WireFormat",
+    "going_away_event",
+    "resolve_format",
+]
 
 SSE = WireFormat()
 _SSE_NO_DONE = WireFormat(done_event=False)
 
+#: The formats known by name (what a stream's record stores, so that a join speaks it too).
+FORMATS: dict[str, Callable[[], WireFormat]] = {
+    "sse": lambda: SSE,
+    "sse-without-done": lambda: _SSE_NO_DONE,
+    "openai": OpenAIFormat,
+    "ai-sdk": AISDKFormat,
+}
+
 
 def resolve_format(format: str | WireFormat, *, done_event: bool = True) -> WireFormat:
-    """A format given by name (``"sse"``, ``"openai"``) or as an object."""
+    """A format given by name (see :data:`FORMATS`) or as an object."""
     if isinstance(format, WireFormat):
         return format
-    if format == "sse":
-        return SSE if done_event else _SSE_NO_DONE
-    if format == "sse-without-done":
+    if format == "sse" and not done_event:
         return _SSE_NO_DONE
-    if format == "openai":
-        from ..integrations.openai import OpenAIFormat
-
-        return OpenAIFormat()
-    raise ValueError(f"format must be 'sse', 'openai' or a WireFormat, not {format!r}")
+    make = FORMATS.get(format)
+    if make is None:
+        names = ", ".join(repr(name) for name in FORMATS)
+        raise ValueError(f"format must be one of {names} or a WireFormat, not {format!r}")
+    return make()

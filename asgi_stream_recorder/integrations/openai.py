@@ -19,9 +19,10 @@ error mid-stream (an ``openai.APIError``, a dropped connection, a Responses ``er
 or ``response.failed`` event) propagates: the stream is recorded ``failed`` with its
 partial text, and the client gets the response's safe ``event: error``.
 
-Out: :class:`OpenAIFormat` (``format="openai"`` on the decorator or the response) sends
-every recorded text chunk as a ``chat.completion.chunk`` and ends with ``data: [DONE]``,
-so any OpenAI client can consume the endpoint.
+Out: ``format="openai"`` on the decorator or the response sends every recorded text chunk
+as a ``chat.completion.chunk`` and ends with ``data: [DONE]``, so any OpenAI client can
+consume the endpoint. That format lives in :mod:`asgi_stream_recorder.formats.openai` with
+the others; :class:`OpenAIFormat` and the event names are re-exported here, as before.
 
 ``openai`` itself is optional: nothing here imports it at run time.
 """
@@ -29,15 +30,14 @@ so any OpenAI client can consume the endpoint.
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Mapping
 from typing import Any
 
-from ..recorders.base import Chunk
-from ..response import WireFormat
-from ..session import StreamSession, current_stream
-from ..sse import ServerSentEvent, encode, encode_data
+from ..formats.base import REFUSAL_EVENT, TOOL_CALL_EVENT
+from ..formats.openai import DEFAULT_MODEL, OpenAIFormat, chat_usage
+from ..session import current_stream
+from ..sse import ServerSentEvent
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -49,13 +49,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("asgi_stream_recorder")
-
-#: Event name of recorded tool-call deltas (chat ``delta.tool_calls[i]`` shape, as JSON).
-TOOL_CALL_EVENT = "tool_call"
-#: Event name of recorded refusal text.
-REFUSAL_EVENT = "refusal"
-#: The model named in ``OpenAIFormat`` chunks when the stream's metadata names none.
-DEFAULT_MODEL = "asgi-stream-recorder"
 
 
 class ProviderStreamError(RuntimeError):
@@ -121,19 +114,6 @@ def _as_dict(item: Any) -> dict[str, Any]:
     return result
 
 
-def _chat_usage(usage: Any) -> dict[str, int] | None:
-    """Usage in the chat shape (prompt/completion/total tokens) from either API's shape."""
-    if not isinstance(usage, Mapping):
-        return None
-    prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
-    completion = usage.get("completion_tokens", usage.get("output_tokens"))
-    if not isinstance(prompt, int) or not isinstance(completion, int):
-        return None
-    total = usage.get("total_tokens")
-    return {"prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": total if isinstance(total, int) else prompt + completion}
-
-
 class _State:
     """What one adapted stream remembers: the metadata sink and the Responses tool-call indexes."""
 
@@ -151,7 +131,7 @@ class _State:
             value = source.get(key)
             if value is not None:
                 self.metadata[name] = value
-        usage = _chat_usage(source.get("usage"))
+        usage = chat_usage(source.get("usage"))
         if usage is not None:
             self.metadata["usage"] = usage
 
@@ -235,96 +215,3 @@ class _State:
             details = response.get("incomplete_details") or {}
             reason = details.get("reason") if isinstance(details, Mapping) else None
             self.metadata["finish_reason"] = "content_filter" if reason == "content_filter" else "length"
-
-
-# -- out ---------------------------------------------------------------------------------------
-class OpenAIFormat(WireFormat):
-    """``chat.completion.chunk`` events and ``data: [DONE]``: the stream as OpenAI would send it.
-
-    Each recorded text chunk becomes ``{"choices": [{"delta": {"content": ...}}]}``
-    (the first chunk also carries ``"role": "assistant"``), with the ``id: <seq>`` line
-    kept for resume; ``tool_call`` events become ``delta.tool_calls`` and ``refusal``
-    events ``delta.refusal``; other events are recorded but not sent. The model is the
-    stream's ``metadata["model"]`` (default ``"asgi-stream-recorder"``).
-
-    At the end: a chunk with ``finish_reason`` (``metadata["finish_reason"]``, default
-    ``"stop"``), then, when ``metadata["usage"]`` is known, the usage. With
-    ``separate_usage_chunk`` (the default) usage comes in its own last chunk with empty
-    ``choices``, as OpenAI sends it for ``stream_options={"include_usage": True}``;
-    set it False to put usage on the finish chunk instead, for clients that index
-    ``choices[0]`` on every chunk. A failed stream ends with an OpenAI error object
-    (``event: error``) that OpenAI clients raise as an ``APIError``; its message is
-    fixed, never the exception's text.
-    """
-
-    name = "openai"
-
-    def __init__(self, *, separate_usage_chunk: bool = True, error_message: str = "stream failed") -> None:
-        self.separate_usage_chunk = separate_usage_chunk
-        self.error_message = error_message
-
-    def _base(self, session: StreamSession) -> dict[str, Any]:
-        meta = session.metadata
-        created = session.created_at
-        chunk: dict[str, Any] = {
-            "id": f"chatcmpl-{session.id}",
-            "object": "chat.completion.chunk",
-            "created": int(created),
-            "model": str(meta.get("model") or DEFAULT_MODEL),
-        }
-        if meta.get("system_fingerprint"):
-            chunk["system_fingerprint"] = str(meta["system_fingerprint"])
-        return chunk
-
-    def _json(self, session: StreamSession, delta: dict[str, Any], *, seq: int | None,
-              finish_reason: str | None = None, usage: dict[str, int] | None = None) -> bytes:
-        if seq == 1 or (seq is None and session.seq == 0):
-            delta = {"role": "assistant", **delta}
-        chunk = self._base(session)
-        chunk["choices"] = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
-        if usage is not None:
-            chunk["usage"] = usage
-        text = json.dumps(chunk, ensure_ascii=False, separators=(",", ":"))
-        return encode_data(text, None if seq is None else session.event_id(seq))
-
-    def chunk(self, session: StreamSession, chunk: Chunk, extra: ServerSentEvent | None) -> bytes:
-        event = chunk.event
-        if event == session.text_event:
-            delta: dict[str, Any] = {"content": chunk.data}
-        elif event == TOOL_CALL_EVENT:
-            try:
-                call = json.loads(chunk.data)
-            except ValueError:
-                return b""
-            if not isinstance(call, dict):
-                return b""
-            call.setdefault("index", 0)
-            delta = {"tool_calls": [call]}
-        elif event == REFUSAL_EVENT:
-            delta = {"refusal": chunk.data}
-        else:
-            return b""
-        body = self._json(session, delta, seq=chunk.seq)
-        if extra is not None and extra.comment is not None:
-            body = encode(ServerSentEvent(comment=extra.comment)) + body
-        return body
-
-    def end(self, session: StreamSession) -> bytes:
-        meta = session.metadata
-        finish_reason = str(meta.get("finish_reason") or "stop")
-        usage = _chat_usage(meta.get("usage"))
-        if usage is None or self.separate_usage_chunk:
-            body = self._json(session, {}, seq=None, finish_reason=finish_reason)
-        else:
-            body = self._json(session, {}, seq=None, finish_reason=finish_reason, usage=usage)
-        if usage is not None and self.separate_usage_chunk:
-            last = self._base(session)
-            last["choices"] = []
-            last["usage"] = usage
-            body += encode_data(json.dumps(last, ensure_ascii=False, separators=(",", ":")))
-        return body + b"data: [DONE]\n\n"
-
-    def error(self, session: StreamSession) -> bytes:
-        payload = {"error": {"message": self.error_message, "type": "server_error", "param": None,
-                             "code": "stream_failed", "stream_id": session.id}}
-        return encode_data(json.dumps(payload, separators=(",", ":")), event="error")
