@@ -85,8 +85,9 @@ def recorded_stream(
     stream. ``event``: the event name for plain items. ``on_disconnect``: ``"cancel"``
     stops the generator when the client leaves; ``"continue"`` lets it finish, recorded.
     ``ping``: seconds of silence before a keep-alive comment (None: never). ``headers``:
-    extra response headers. ``format``: ``"sse"`` (plain text events) or ``"openai"``
-    (``chat.completion.chunk`` events and ``data: [DONE]``, for OpenAI clients).
+    extra response headers. ``format``: ``"sse"`` (plain text events), ``"openai"``
+    (``chat.completion.chunk`` events and ``data: [DONE]``, for OpenAI clients), ``"ai-sdk"``
+    (the Vercel AI SDK's UI message stream, for ``useChat``), or a ``WireFormat``.
     ``resume``: event ids carry the stream (``<stream_id>:<seq>``), the generation goes on
     when its client drops, and a request with such a ``Last-Event-ID`` joins the stream
     (replay, then live) instead of starting a new generation: a browser's ``EventSource``

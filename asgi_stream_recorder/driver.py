@@ -36,7 +36,7 @@ from .recorders.base import Chunk, StreamStatus
 from .recorders.buffered import RecorderError
 from .recorders.live import Follow
 from .session import StreamSession, decide_status
-from .sse import PING, ServerSentEvent, encode, encode_data, to_text
+from .sse import ServerSentEvent, encode, encode_data, to_text
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
@@ -241,7 +241,7 @@ class StreamDriver:
                     idle = min(idle, self.session.idle_seconds())
                 if idle >= ping:
                     if self.at_boundary and not self.ended:
-                        await self.send_body(PING)
+                        await self.send_body(self.format.ping)
                         continue
                     idle = ping * 0.75  # mid-event: look again soon
                 wait = min(wait, ping - idle)
