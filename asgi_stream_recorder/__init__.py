@@ -23,6 +23,7 @@ from .recorders import (
     StreamStatus,
     default_recorder,
     open_recorder,
+    redact_secrets,
 )
 from .response import RecordedStreamResponse
 
@@ -61,6 +62,7 @@ __all__ = [
     "join_response",
     "open_recorder",
     "recorded_stream",
+    "redact_secrets",
     "sentences",
     "stream_app",
     "streams_app",

@@ -11,6 +11,7 @@ from .base import Backend, Batch, Chunk, Segment, StreamEnd, StreamRecord, Strea
 from .buffered import RecorderError, RecorderTimeout
 from .memory import MemoryBackend, MemoryRecorder
 from .recorder import Recorder
+from .redaction import redact_secrets
 from .sqlite import SQLiteBackend, SQLiteRecorder
 
 if TYPE_CHECKING:
@@ -39,6 +40,7 @@ __all__ = [
     "StreamStatus",
     "default_recorder",
     "open_recorder",
+    "redact_secrets",
 ]
 
 #: imported on first use: their modules are small, but importing the package should not need them

@@ -330,3 +330,16 @@ class Backend(abc.ABC):
         has just started is safe until its owner's first heartbeat. Several processes may
         sweep at once: a stream is ended once. Owners whose heartbeat is stale may be forgotten.
         """
+
+    async def purge(self, created_before: float, statuses: Collection[StreamStatus] | None = None, *,
+                    batch_size: int = 500, dry_run: bool = False) -> int:
+        """Delete the streams created before ``created_before`` (epoch seconds) whose status is one
+        of ``statuses`` (None: any), with their chunks and cancel requests; return how many.
+
+        A stream still ``streaming`` is never deleted, whatever ``statuses`` says. At most
+        ``batch_size`` streams go per transaction, so that the writer never waits long for its
+        turn. ``dry_run`` only counts them. (Not abstract, so that a backend written before
+        retention existed still works: it just cannot purge.)
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot purge old streams: it does not implement "
+                                  "Backend.purge(created_before, statuses, batch_size=, dry_run=)")

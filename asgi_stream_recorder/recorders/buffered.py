@@ -34,6 +34,7 @@ import anyio
 import sniffio
 
 from .base import Batch, Chunk, Segment, StreamEnd, StreamStart
+from .redaction import redact_batch
 from .storable import UNSTORABLE_KEY, storable_text
 
 if TYPE_CHECKING:
@@ -63,6 +64,8 @@ class Policy:
     max_pending: int = 200_000
     max_pending_bytes: int = 64 * 1024 * 1024
     max_wait: float | None = 0.0
+    #: applied to what a batch stores (see :mod:`.redaction`); None: stored as given
+    redact: Callable[[str], str] | None = None
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "max_pending", "max_pending_bytes"):
@@ -328,7 +331,8 @@ class BufferedWriter:
                     n = len(batch)
                     self._inflight = batch
                     try:
-                        await self._store(batch)
+                        redact = self.policy.redact
+                        await self._store(batch if redact is None else redact_batch(batch, redact))
                     finally:
                         self._inflight = None
                     if self._abandoned:

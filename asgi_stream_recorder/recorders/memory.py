@@ -31,6 +31,7 @@ class _Row:
     completed_at: float | None = None
     error: str | None = None
     chunks: dict[int, Chunk] = field(default_factory=dict)
+    content: str | None = None  # frozen at the end when the end says (else computed from the chunks)
 
 
 def _stored(metadata: dict[str, Any]) -> dict[str, Any]:
@@ -71,6 +72,7 @@ class MemoryBackend(Backend):
         for e, meta in ends:
             row = rows[e.id]
             row.status, row.completed_at, row.error, row.metadata = e.status, e.completed_at, e.error, meta
+            row.content = e.content
             self.cancels.discard(e.id)
         self._notify()
 
@@ -126,7 +128,8 @@ class MemoryBackend(Backend):
             status=row.status,
             created_at=created,
             completed_at=to_datetime(row.completed_at),
-            content="".join(c.data for c in ordered if c.event == row.text_event),
+            content=row.content if row.content is not None else "".join(
+                c.data for c in ordered if c.event == row.text_event),
             chunk_count=len(ordered),
             error=row.error,
             metadata=copy.deepcopy(row.metadata),
@@ -155,6 +158,17 @@ class MemoryBackend(Backend):
                 if (wanted is None or r.status is wanted) and (key is None or r.key == key)]
         rows.sort(key=lambda r: r.created_at, reverse=True)
         return [self._record(r) for r in rows[:limit]]
+
+    async def purge(self, created_before: float, statuses: Collection[StreamStatus] | None = None, *,
+                    batch_size: int = 500, dry_run: bool = False) -> int:
+        """Delete finished streams created before ``created_before`` (all at once: dicts do not block)."""
+        doomed = [r.id for r in self.rows.values() if r.status is not StreamStatus.STREAMING
+                  and r.created_at < created_before and (statuses is None or r.status in statuses)]
+        if not dry_run:
+            for sid in doomed:
+                del self.rows[sid]
+                self.cancels.discard(sid)
+        return len(doomed)
 
 
 class MemoryRecorder(Recorder):

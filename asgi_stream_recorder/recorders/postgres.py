@@ -398,6 +398,33 @@ class PostgresBackend(Backend):
             log.warning("PostgreSQL listener connection lost; polling until it is back")
             self._notified()
 
+    # -- retention -----------------------------------------------------------------------
+    async def purge(self, created_before: float, statuses: Collection[StreamStatus] | None = None, *,
+                    batch_size: int = 500, dry_run: bool = False) -> int:
+        """Delete finished streams created before ``created_before``, oldest first: one statement
+        (its own transaction) per ``batch_size`` streams, deleting their chunks, cancel requests
+        and rows together. The rows are locked ``SKIP LOCKED``: two purges at once delete
+        different streams, and the writer (which never touches a finished stream) waits for nothing."""
+        wanted = [str(s) for s in (StreamStatus if statuses is None else statuses) if s is not StreamStatus.STREAMING]
+        if not wanted:
+            return 0
+        s, where = self._s, "status = ANY($1::text[]) AND created_at < to_timestamp($2)"
+        if dry_run:
+            return int(await self._run(lambda con: con.fetchval(f"SELECT count(*) FROM {s}.streams WHERE {where}",
+                                                                wanted, created_before)))
+        sql = (f"WITH v AS (SELECT id FROM {s}.streams WHERE {where} ORDER BY created_at LIMIT $3"
+               " FOR UPDATE SKIP LOCKED),"
+               f" c AS (DELETE FROM {s}.chunks WHERE stream_id IN (SELECT id FROM v)),"
+               f" x AS (DELETE FROM {s}.cancels WHERE stream_id IN (SELECT id FROM v)),"
+               f" d AS (DELETE FROM {s}.streams WHERE id IN (SELECT id FROM v) RETURNING 1)"
+               " SELECT count(*) FROM d")
+        total = 0
+        while True:
+            n = int(await self._run(lambda con: con.fetchval(sql, wanted, created_before, batch_size)))
+            total += n
+            if n < batch_size:
+                return total
+
 
 class PostgresRecorder(Recorder):
     """Record streams into PostgreSQL at ``dsn``, tables in ``schema``: a :class:`Recorder` over a

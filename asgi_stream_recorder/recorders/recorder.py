@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from datetime import timedelta
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -50,6 +51,10 @@ class Recorder:
     for ``lease`` seconds, on any host. A process that dies (SIGKILL, a lost machine) thus
     leaves no stream ``streaming`` for much longer than ``lease``; keep it well above the
     longest database outage you expect a live process to ride out.
+
+    ``redact``: a function of text returning text, run by the writer over what is stored
+    (chunk data, content, error, strings in metadata); the client still gets the original.
+    :func:`~asgi_stream_recorder.recorders.redaction.redact_secrets` is a ready-made one.
     """
 
     def __init__(
@@ -62,6 +67,7 @@ class Recorder:
         max_pending_bytes: int = 64 * 1024 * 1024,
         max_wait: float | None = 0.0,
         lease: float = 30.0,
+        redact: Callable[[str], str] | None = None,
     ) -> None:
         if not lease > 0:
             raise ValueError(f"lease must be a positive number of seconds, not {lease!r}")
@@ -71,7 +77,7 @@ class Recorder:
         self._writer = BufferedWriter(
             backend,
             Policy(batch_size=batch_size, interval=flush_interval, max_pending=max_pending,
-                   max_pending_bytes=max_pending_bytes, max_wait=max_wait),
+                   max_pending_bytes=max_pending_bytes, max_wait=max_wait, redact=redact),
         )
         #: Queue a chunk ``(stream_id, seq, data, event, at_ms)`` if there is room; False: dropped.
         self.put_chunk: Callable[[str, int, str, str | None, float], bool] = self._writer.put_chunk
@@ -327,6 +333,31 @@ class Recorder:
             log.warning("asgi_stream_recorder: %d streams of processes unheard of for %g s ended as interrupted",
                         ended, self.lease)
         return ended
+
+    async def purge(self, older_than: timedelta | float, status: StreamStatus | str | Iterable[StreamStatus | str]
+                    | None = None, *, dry_run: bool = False, batch_size: int = 500) -> int:
+        """Delete the streams created more than ``older_than`` ago (a timedelta, or seconds), with
+        their chunks; only those with ``status`` (one, or several) when given. Returns how many
+        (``dry_run``: how many would go, deleting nothing).
+
+        A stream still ``streaming`` is never deleted. The backend deletes ``batch_size`` streams
+        per transaction, so the writer, and streams being recorded, never wait for long.
+        """
+        seconds = older_than.total_seconds() if isinstance(older_than, timedelta) else float(older_than)
+        if not seconds >= 0:
+            raise ValueError(f"older_than must be a duration of at least 0, not {older_than!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, not {batch_size!r}")
+        statuses = None if status is None else {StreamStatus(s) for s in ([status] if isinstance(status, str)
+                                                                          else status)}
+        if statuses is not None and StreamStatus.STREAMING in statuses:
+            raise ValueError("streams still streaming are never purged: name finished statuses "
+                             "(completed, failed, cancelled, interrupted)")
+        await self.ensure_open()
+        purged = await self.backend.purge(time.time() - seconds, statuses, batch_size=batch_size, dry_run=dry_run)
+        if purged and not dry_run:
+            log.info("asgi_stream_recorder: purged %d streams older than %g s", purged, seconds)
+        return purged
 
 
 def _recent(stream_id: str, window_ms: float = 10_000) -> bool:

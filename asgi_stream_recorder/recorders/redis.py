@@ -171,6 +171,29 @@ redis.call('HSET', p .. 'cancels', ids, ARGV[3])
 return 1
 """
 
+# ARGV: prefix, a finished status, ids from that status's index. Deletes (UNLINK: freed in the
+# background, so a long stream does not stall the server) each stream still of that status: its
+# hash, its chunks, its index entries and cancel request; every id leaves that index (one that is
+# no longer of that status, or expired, was stale there). Returns how many streams it deleted.
+_PURGE = """
+local p, status, n = ARGV[1], ARGV[2], 0
+for i = 3, #ARGV do
+  local id = ARGV[i]
+  local cur = redis.call('HMGET', p .. 's:' .. id, 'status', 'key')
+  if cur[1] == status then
+    redis.call('UNLINK', p .. 's:' .. id, p .. 'c:' .. id)
+    redis.call('ZREM', p .. 'idx:all', id)
+    if cur[2] then redis.call('ZREM', p .. 'idx:key:' .. cur[2], id) end
+    redis.call('HDEL', p .. 'cancels', id)
+    n = n + 1
+  elseif not cur[1] then
+    redis.call('ZREM', p .. 'idx:all', id)
+  end
+  redis.call('ZREM', p .. 'idx:' .. status, id)
+end
+return n
+"""
+
 
 class RedisBackend(Backend):
     """The Redis at ``url``, keys under ``prefix``; with ``ttl``, finished streams are deleted
@@ -428,6 +451,26 @@ class RedisBackend(Backend):
             if reply:
                 self._last_change = reply[0][1][-1][0]
                 return
+
+    # -- retention -----------------------------------------------------------------------
+    async def purge(self, created_before: float, statuses: Collection[StreamStatus] | None = None, *,
+                    batch_size: int = 500, dry_run: bool = False) -> int:
+        """Delete finished streams created before ``created_before``: per status, the oldest
+        ``batch_size`` ids of its index (scored by creation time), then one script call that
+        deletes them atomically; a write waits for one such call at most. ``dry_run`` counts the
+        index entries (with ``ttl``, ones expired since the last sweep count too)."""
+        wanted = [str(s) for s in (StreamStatus if statuses is None else statuses) if s is not StreamStatus.STREAMING]
+        client, p, cut = self._redis(), self.prefix, f"({created_before!r}"
+        if dry_run:
+            async with client.pipeline(transaction=False) as pipe:
+                for status in wanted:
+                    pipe.zcount(f"{p}idx:{status}", "-inf", cut)
+                return sum(await pipe.execute())
+        script, total = client.register_script(_PURGE), 0
+        for status in wanted:
+            while ids := await client.zrangebyscore(f"{p}idx:{status}", "-inf", cut, start=0, num=batch_size):
+                total += int(await script(args=[p, status, *ids], client=client))
+        return total
 
 
 class RedisRecorder(Recorder):

@@ -381,6 +381,37 @@ class SQLiteBackend(Backend):
                 return
             await anyio.sleep(min(self.poll_interval, left))
 
+    # -- retention -----------------------------------------------------------------------
+    async def purge(self, created_before: float, statuses: Collection[StreamStatus] | None = None, *,
+                    batch_size: int = 500, dry_run: bool = False) -> int:
+        """Delete finished streams created before ``created_before``, oldest first, ``batch_size``
+        per transaction: each batch takes the write lock as a batch of records does, so the
+        writer waits for one batch at most. (The file does not shrink: SQLite reuses the pages.)"""
+        wanted = [str(s) for s in (StreamStatus if statuses is None else statuses) if s is not StreamStatus.STREAMING]
+        if not wanted:
+            return 0
+        where = f"status IN ({', '.join('?' * len(wanted))}) AND created_at < ?"
+        params = (*wanted, created_before)
+
+        def count(con: sqlite3.Connection) -> int:
+            return int(con.execute(f"SELECT count(*) FROM streams WHERE {where}", params).fetchone()[0])
+
+        def delete(con: sqlite3.Connection) -> int:
+            sql = f"SELECT id FROM streams WHERE {where} ORDER BY created_at LIMIT ?"
+            ids = con.execute(sql, (*params, batch_size)).fetchall()
+            for table, column in (("segments", "stream_id"), ("cancels", "stream_id"), ("streams", "id")):
+                con.executemany(f"DELETE FROM {table} WHERE {column} = ?", ids)
+            return len(ids)
+
+        if dry_run:
+            return await self._reading(count)
+        total = 0
+        while n := await self._writing(delete):
+            total += n
+            if n < batch_size:
+                break
+        return total
+
 
 class SQLiteRecorder(Recorder):
     """Record streams into the SQLite file at ``path``: a :class:`Recorder` over a
