@@ -226,7 +226,8 @@ def conversation_key(request: Any) -> str | None:
 
 
 def authorize(request: Any, action: str, stream_id: str | None) -> bool:
-    """The streams app's hook (``action``: list, read, follow or cancel). The demo serves its
+    """The streams app's hook (``action``: list, read, follow, cancel, or asset: the viewer
+    pages' scripts and style sheet). The demo serves its
     own machine, so only loopback clients may read, follow or stop recorded streams. A real
     app checks the signed-in user here: recorded streams hold what your users typed, and a
     stop request ends someone's answer."""

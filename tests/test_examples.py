@@ -318,6 +318,7 @@ async def test_example_streams_an_openai_compatible_model_when_a_key_is_set(
     assert read.text == "Streams are recorded, token by token." and len(read.texts) > 1
     assert done_data(read)["status"] == "completed"
     assert "tokens: openai" in page
+    assert 'href="/streams/"' in page  # the page links to the viewer
     assert listing[0]["metadata"]["source"] == "openai"
     [record] = records
     assert record.id == read.stream_id and record.status is StreamStatus.COMPLETED
