@@ -9,6 +9,7 @@ httpx + httpx_sse; then the record must say what the client saw.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -292,3 +293,36 @@ async def test_fastapi_documents_a_stream_as_text_event_stream_with_response_cla
     async with recorder, sse_client(app) as client, client.stream("GET", "/chat?prompt=hi") as s:
         assert s.headers["content-type"].startswith("text/event-stream")
         assert [e.data async for e in s.events() if e.event is None] == ["hi"]
+
+
+def test_litestar_validation_errors_keep_the_handler_media_type_unless_an_exception_handler_says_json() -> None:
+    """Litestar sends its own 400 with the handler's ``media_type`` (here ``text/event-stream``):
+    the README's fix, an exception handler for ``ValidationException``, makes it JSON again."""
+    from litestar import Litestar, MediaType, Response, post
+    from litestar.exceptions import ValidationException
+    from litestar.testing import TestClient
+
+    from asgi_stream_recorder import MemoryRecorder, recorded_stream
+
+    @post("/chat", status_code=200, media_type="text/event-stream")
+    @recorded_stream(recorder=MemoryRecorder())
+    async def chat(data: JSONBody[LitestarQuestion]) -> AsyncIterator[str]:
+        yield data.text
+
+    def validation_as_json(request: Any, exc: ValidationException) -> Any:
+        return Response({"detail": exc.detail, "extra": exc.extra}, status_code=400, media_type=MediaType.JSON)
+
+    for handlers, expected in (({}, "text/event-stream"), ({ValidationException: validation_as_json},
+                                                          "application/json")):
+        with TestClient(Litestar([chat], exception_handlers=handlers)) as client:  # type: ignore[arg-type]
+            answer = client.post("/chat", json={"not": "a question"})
+        assert answer.status_code == 400
+        assert answer.headers["content-type"].startswith(expected)
+        assert "Validation failed" in answer.text
+
+
+@dataclasses.dataclass
+class LitestarQuestion:
+    """A request body (at module level: Litestar resolves a handler's annotations from its module)."""
+
+    text: str
