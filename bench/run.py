@@ -282,6 +282,10 @@ def rows(res: dict[str, Any]) -> tuple[list[list[str]], list[dict[str, Any]]]:
             table.append([f"12 coalesce, {co['tokens']} fast tokens", f"coalesce={name}",
                           f"{c['events']} events, {c['bytes']} bytes",
                           f"{co['cpu_us_per_token'][name]['median']:.1f} us CPU/token ({c['cpu_ratio_to_off']:.2f}x)"])
+        for name, w in co.get("wire", {}).items():
+            table.append(["12 coalesce over uvicorn, 10,000 fast tokens", f"coalesce={name}",
+                          f"{w['events']} events, {w['bytes']} bytes",
+                          f"server {w['server_cpu_us_per_token']:.1f} us CPU/token"])
     return table, targets
 
 
