@@ -117,15 +117,17 @@ def assert_clean(log: str) -> None:
 
 
 async def test_400_concurrent_streams_on_4_workers_lose_nothing(tmp_path: Path, place: Place) -> None:
-    n_streams, n_tokens = 400, 40
+    n_streams, n_tokens = 400, 60
     clients = [Client() for _ in range(n_streams)]
     async with workers(tmp_path, place) as server:
         limits = httpx.Limits(max_connections=n_streams + 10, max_keepalive_connections=0)
         async with httpx.AsyncClient(timeout=60, limits=limits) as http:
             with anyio.fail_after(120):
                 async with anyio.create_task_group() as tg:
-                    for got in clients:
+                    for i, got in enumerate(clients):
                         tg.start_soon(read, http, f"{server.url}/chat?n={n_tokens}&delay=0.02", got)
+                        if i % 25 == 24:  # in waves, as users arrive: a burst may all go to one worker
+                            await anyio.sleep(0.02)
         log = server.output()
     expected = [f"{i} " for i in range(n_tokens)]
     for got in clients:
