@@ -116,12 +116,24 @@ class Place:
                 await client.aclose()
 
 
-@pytest.fixture(name="place", params=["sqlite", "postgres", "redis"])
-async def shared_place(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Place]:
-    """A place that several server processes share (a file, a schema, a key prefix): the
-    backends a multi-process deployment can use. Import it into a test module to use it."""
-    require(request.param)
-    where = Place(request.param, tmp_path)
+@pytest.fixture(name="kind", params=BACKENDS)
+def every_kind(request: pytest.FixtureRequest) -> str:
+    """Each backend in turn (import it, with ``place``, into a test module to use it)."""
+    return str(request.param)
+
+
+@pytest.fixture(name="kind", params=[kind for kind in BACKENDS if kind != "memory"])
+def shared_kind(request: pytest.FixtureRequest) -> str:
+    """Each backend several server processes can share: a file, a schema, a key prefix."""
+    return str(request.param)
+
+
+@pytest.fixture(name="place")
+async def place_fixture(kind: str, tmp_path: Path) -> AsyncIterator[Place]:
+    """The test's own place on the backend ``kind`` (skipped, or failed under CI, if its server
+    is not there), removed afterwards."""
+    require(kind)
+    where = Place(kind, tmp_path)
     try:
         yield where
     finally:

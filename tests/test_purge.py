@@ -7,7 +7,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Collection
 from datetime import timedelta
-from pathlib import Path
 
 import anyio
 import pytest
@@ -16,27 +15,12 @@ from asgi_stream_recorder import Recorder, StreamStatus
 from asgi_stream_recorder.recorders import Backend
 from asgi_stream_recorder.recorders.base import Batch, Chunk, StreamEnd, StreamRecord, StreamStart, process_owner
 from asgi_stream_recorder.session import StreamSession
-from tests.backends import BACKENDS, Place, require
+from tests.backends import Place, every_kind, place_fixture  # noqa: F401 - fixtures "kind", "place"
 
 pytestmark = pytest.mark.anyio
 
 DAY = 86400.0
 FINISHED = [s for s in StreamStatus if s is not StreamStatus.STREAMING]
-
-
-@pytest.fixture(params=BACKENDS)
-def kind(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
-@pytest.fixture
-async def place(kind: str, tmp_path: Path) -> AsyncIterator[Place]:
-    require(kind)
-    where = Place(kind, tmp_path)
-    try:
-        yield where
-    finally:
-        await where.remove()
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ from asgi_stream_recorder.recorders import Backend
 from asgi_stream_recorder.recorders.base import Batch, Chunk, StreamEnd, StreamRecord, StreamStart
 from asgi_stream_recorder.recorders.sqlite import SCHEMA_VERSION
 from asgi_stream_recorder.session import StreamSession
-from tests.backends import BACKENDS, Place, require
+from tests.backends import Place, every_kind, place_fixture  # noqa: F401 - fixtures "kind", "place"
 
 pytestmark = pytest.mark.anyio
 
@@ -88,21 +88,6 @@ def make(place: Place, layer: type[Layer] | None = None, **options: Any) -> Reco
     if layer is None:
         return place.recorder(**options)
     return Recorder(layer(place.backend()), **options)
-
-
-@pytest.fixture(params=BACKENDS)
-def kind(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
-@pytest.fixture
-async def place(kind: str, tmp_path: Path) -> AsyncIterator[Place]:
-    require(kind)
-    where = Place(kind, tmp_path)
-    try:
-        yield where
-    finally:
-        await where.remove()
 
 
 @pytest.fixture

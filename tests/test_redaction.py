@@ -4,7 +4,6 @@ the original stream."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import anyio
 import pytest
@@ -13,26 +12,11 @@ from starlette.requests import Request
 from asgi_stream_recorder import Recorder, StreamStatus, redact_secrets, stream_app
 from asgi_stream_recorder.recorders.redaction import REDACTION_FAILED
 from asgi_stream_recorder.testing import sse_client
-from tests.backends import BACKENDS, Place, require
+from tests.backends import Place, every_kind, place_fixture  # noqa: F401 - fixtures "kind", "place"
 
 pytestmark = pytest.mark.anyio
 
 KEY = "sk-proj-" + "A1b2C3d4E5f6G7h8I9j0K1l2"
-
-
-@pytest.fixture(params=BACKENDS)
-def kind(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
-@pytest.fixture
-async def place(kind: str, tmp_path: Path) -> AsyncIterator[Place]:
-    require(kind)
-    where = Place(kind, tmp_path)
-    try:
-        yield where
-    finally:
-        await where.remove()
 
 
 async def run(recorder: Recorder, tokens: list[str], fail: str | None = None) -> tuple[str, list[str]]:

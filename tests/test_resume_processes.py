@@ -33,7 +33,7 @@ from asgi_stream_recorder import Chunk, StreamRecord, StreamStatus
 from asgi_stream_recorder.sse import ServerSentEvent
 
 from .apps.resume_app import token
-from .backends import Place, shared_place  # noqa: F401 - the fixture "place", over every shared backend
+from .backends import Place, place_fixture, shared_kind  # noqa: F401 - fixtures "kind", "place": each shared backend
 from .servers import free_port, wait_until_answering
 from .test_resume import Wire, assert_final, connect, seq_of
 from .test_shutdown import AppProcess

@@ -26,7 +26,7 @@ import pytest
 from asgi_stream_recorder import StreamStatus
 from asgi_stream_recorder.sse import SSEParser
 
-from .backends import Place, shared_place  # noqa: F401 - the fixture "place", over every shared backend
+from .backends import Place, place_fixture, shared_kind  # noqa: F401 - fixtures "kind", "place": each shared backend
 from .servers import free_port, wait_until_answering
 
 pytestmark = pytest.mark.anyio

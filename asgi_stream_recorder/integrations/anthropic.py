@@ -40,6 +40,7 @@ from typing import Any
 
 from ..session import current_stream
 from ..sse import ServerSentEvent
+from ._provider import close_stream, event_dict
 from .openai import TOOL_CALL_EVENT, ProviderStreamError
 
 __all__ = [
@@ -123,26 +124,11 @@ def _request_id(stream: Any) -> str | None:
 
 
 async def _close(stream: Any) -> None:
-    """Close the provider's stream (and its HTTP response), also when our client left early."""
-    close = getattr(stream, "aclose", None) or getattr(stream, "close", None)
-    if close is None:
-        return
-    try:
-        result = close()
-        if inspect.isawaitable(result):
-            await result
-    except Exception as exc:  # a failed close must not hide how the stream ended
-        log.warning("closing the Anthropic stream raised %r", exc)
+    await close_stream(stream, "Anthropic")
 
 
 def _as_dict(item: Any) -> dict[str, Any]:
-    if isinstance(item, Mapping):
-        return dict(item)
-    dump = getattr(item, "model_dump", None)
-    if dump is None:
-        raise TypeError(f"anthropic_text() expects Anthropic stream events, got {type(item).__name__}")
-    result: dict[str, Any] = dump(exclude_none=True, warnings=False)
-    return result
+    return event_dict(item, "anthropic_text", "Anthropic")
 
 
 class _ToolUse:

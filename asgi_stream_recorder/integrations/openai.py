@@ -38,6 +38,7 @@ from ..formats.base import REFUSAL_EVENT, TOOL_CALL_EVENT
 from ..formats.openai import DEFAULT_MODEL, OpenAIFormat, chat_usage
 from ..session import current_stream
 from ..sse import ServerSentEvent
+from ._provider import close_stream, event_dict
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -92,26 +93,11 @@ async def openai_text(
 
 
 async def _close(stream: Any) -> None:
-    """Close the provider's stream (and its HTTP response), also when our client left early."""
-    close = getattr(stream, "aclose", None) or getattr(stream, "close", None)
-    if close is None:
-        return
-    try:
-        result = close()
-        if inspect.isawaitable(result):
-            await result
-    except Exception as exc:  # a failed close must not hide how the stream ended
-        log.warning("closing the OpenAI stream raised %r", exc)
+    await close_stream(stream, "OpenAI")
 
 
 def _as_dict(item: Any) -> dict[str, Any]:
-    if isinstance(item, Mapping):
-        return dict(item)
-    dump = getattr(item, "model_dump", None)
-    if dump is None:
-        raise TypeError(f"openai_text() expects OpenAI stream events, got {type(item).__name__}")
-    result: dict[str, Any] = dump(exclude_none=True, warnings=False)
-    return result
+    return event_dict(item, "openai_text", "OpenAI")
 
 
 class _State:
