@@ -28,6 +28,7 @@ import anyio
 
 from ..app import answer_lifespan
 from .openai_server import (
+    INVALID_JSON,
     SECRET_HEADERS,
     Failure,
     FakeRequest,
@@ -36,8 +37,8 @@ from .openai_server import (
     Scope,
     Send,
     _json,
-    _read_body,
     _words,
+    read_request,
     split_tokens,
 )
 
@@ -195,17 +196,10 @@ class FakeAnthropic:
             return
         if scope["type"] != "http":
             return
-        path: str = scope["path"]
-        if path.startswith("/v1/"):
-            path = path[3:]
-        method: str = scope["method"]
-        raw = await _read_body(receive)
-        try:
-            body = json.loads(raw) if raw else None
-        except ValueError:
+        method, path, headers, body = await read_request(scope, receive)
+        if body is INVALID_JSON:
             await _json(send, 400, _error("invalid_request_error", "The request body is not valid JSON."))
             return
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         authorized = None
         if self.api_key is not None:
             authorized = self.api_key in (headers.get("x-api-key"), headers.get("authorization", "")[7:])

@@ -147,17 +147,10 @@ class FakeOpenAI:
             return
         if scope["type"] != "http":
             return
-        path: str = scope["path"]
-        if path.startswith("/v1/"):
-            path = path[3:]
-        method: str = scope["method"]
-        raw = await _read_body(receive)
-        try:
-            body = json.loads(raw) if raw else None
-        except ValueError:
+        method, path, headers, body = await read_request(scope, receive)
+        if body is INVALID_JSON:
             await _json(send, 400, _error_body("The request body is not valid JSON.", "invalid_request_error"))
             return
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         authorized = None
         if self.api_key is not None:
             authorized = headers.get("authorization") == f"Bearer {self.api_key}"
@@ -367,6 +360,25 @@ def _words(value: Any) -> list[str]:
     if isinstance(value, list):
         return [w for v in value for w in _words(v)]
     return []
+
+
+#: what :func:`read_request` gives for a body that is not JSON
+INVALID_JSON: Any = object()
+
+
+async def read_request(scope: Scope, receive: Receive) -> tuple[str, str, dict[str, str], Any]:
+    """A fake API's view of a request: method, path without a ``/v1`` prefix, lower-cased
+    headers, and the JSON body (None when empty, :data:`INVALID_JSON` when not JSON)."""
+    path: str = scope["path"]
+    if path.startswith("/v1/"):
+        path = path[3:]
+    raw = await _read_body(receive)
+    try:
+        body = json.loads(raw) if raw else None
+    except ValueError:
+        body = INVALID_JSON
+    headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+    return scope["method"], path, headers, body
 
 
 async def _read_body(receive: Receive) -> bytes:
