@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import AsyncIterator, Callable, Mapping
-from typing import Any, ParamSpec, overload
+from typing import Any, ParamSpec, TypedDict, overload
 
 from starlette.types import Scope
 
 from .recorders import Recorder
 from .response import (
     Key,
+    Metadata,
     OnDisconnect,
     RecordedStreamResponse,
     WireFormat,
@@ -26,9 +27,61 @@ from .response import (
     stream_options,
 )
 
-__all__ = ["recorded_stream"]
+__all__ = ["Options", "build_response", "check_decorator_options", "recorded_stream"]
 
 P = ParamSpec("P")
+
+
+class Options(TypedDict, total=False):
+    """The keyword options of :func:`recorded_stream`; the framework adapters take the same."""
+
+    recorder: Recorder | None
+    metadata: Metadata
+    event: str | None
+    on_disconnect: OnDisconnect
+    ping: float | None
+    headers: Mapping[str, str] | None
+    format: str | WireFormat
+    resume: bool
+    key: Key
+    done_event: bool
+    timeout: float | None
+    idle_timeout: float | None
+    coalesce: float | None
+    progress: float | None
+    fallback: Callable[..., AsyncIterator[Any]] | None
+
+
+def check_decorator_options(options: Options) -> Options:
+    """Check a decorator's options where it is applied, not on the first request; returns them
+    with the format resolved (a name becomes its :class:`WireFormat`)."""
+    event, ping = options.get("event"), options.get("ping", 15.0)
+    check_options(event, options.get("on_disconnect", "cancel"), ping)
+    wire = resolve_format(options.get("format", "sse"), done_event=options.get("done_event", True))
+    stream_options(wire, timeout=options.get("timeout"), idle_timeout=options.get("idle_timeout"),
+                   coalesce=options.get("coalesce"), progress=options.get("progress"))
+    fallback, key = options.get("fallback"), options.get("key")
+    if fallback is not None and not inspect.isasyncgenfunction(fallback):
+        raise TypeError(f"fallback must be an async generator function (async def with yield), not {fallback!r}")
+    if key is not None and not isinstance(key, str) and not callable(key):
+        raise TypeError(f"key must be a str or a callable of the request, not {type(key).__name__}")
+    checked = options.copy()
+    checked["format"] = wire
+    return checked
+
+
+def build_response(content: AsyncIterator[Any], options: Options, *,
+                   fallback: Callable[[], AsyncIterator[Any]] | None = None,
+                   request: Any = None) -> RecordedStreamResponse:
+    """The response of one call of a decorated endpoint: ``content`` with checked ``options``
+    (``fallback``: the option's generator function bound to this call's arguments)."""
+    return RecordedStreamResponse(
+        content, recorder=options.get("recorder"), metadata=options.get("metadata"), event=options.get("event"),
+        on_disconnect=options.get("on_disconnect", "cancel"), ping=options.get("ping", 15.0),
+        headers=options.get("headers"), format=options.get("format", "sse"), resume=options.get("resume", False),
+        key=options.get("key"), done_event=options.get("done_event", True), request=request,
+        timeout=options.get("timeout"), idle_timeout=options.get("idle_timeout"),
+        coalesce=options.get("coalesce"), progress=options.get("progress"), fallback=fallback)
 
 
 @overload
@@ -106,13 +159,10 @@ def recorded_stream(
     arguments, streamed instead when the generator fails before its first item (the
     first's error in ``metadata["fallback"]``); a failure after an item is a failure.
     """
-    check_options(event, on_disconnect, ping)
-    wire = resolve_format(format, done_event=done_event)
-    stream_options(wire, timeout=timeout, idle_timeout=idle_timeout, coalesce=coalesce, progress=progress)
-    if fallback is not None and not inspect.isasyncgenfunction(fallback):
-        raise TypeError(f"fallback must be an async generator function (async def with yield), not {fallback!r}")
-    if key is not None and not isinstance(key, str) and not callable(key):
-        raise TypeError(f"key must be a str or a callable of the request, not {type(key).__name__}")
+    options = check_decorator_options(Options(
+        recorder=recorder, metadata=metadata, event=event, on_disconnect=on_disconnect, ping=ping, headers=headers,
+        format=format, resume=resume, key=key, done_event=done_event, timeout=timeout, idle_timeout=idle_timeout,
+        coalesce=coalesce, progress=progress, fallback=fallback))
 
     def decorate(source: Callable[P, AsyncIterator[Any]]) -> Callable[P, Any]:
         if not callable(source):
@@ -120,24 +170,9 @@ def recorded_stream(
 
         async def endpoint(*args: P.args, **kwargs: P.kwargs) -> RecordedStreamResponse:
             request = await _read_request_bodies(args, kwargs.values())
-            return RecordedStreamResponse(
-                source(*args, **kwargs),
-                recorder=recorder,
-                metadata=metadata,
-                event=event,
-                on_disconnect=on_disconnect,
-                ping=ping,
-                headers=headers,
-                format=wire,
-                resume=resume,
-                key=key,
-                request=request,
-                timeout=timeout,
-                idle_timeout=idle_timeout,
-                coalesce=coalesce,
-                progress=progress,
-                fallback=None if fallback is None else lambda: fallback(*args, **kwargs),
-            )
+            return build_response(source(*args, **kwargs), options,
+                                  fallback=None if fallback is None else lambda: fallback(*args, **kwargs),
+                                  request=request)
 
         for attr in ("__module__", "__name__", "__qualname__", "__doc__"):
             setattr(endpoint, attr, getattr(source, attr, None))

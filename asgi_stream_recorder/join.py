@@ -21,6 +21,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from .driver import SCOPE_KEY, StreamDriver
 from .formats import SSE_HEADERS, WireFormat, resolve_format
+from .pull import Prepared
 from .recorders import Recorder
 from .recorders.base import StreamStatus
 from .session import StreamSession
@@ -74,9 +75,9 @@ class JoinResponse:
         #: only join a stream produced at this path (a resuming endpoint joins its own streams)
         self.path = path
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send, status: int, text: str) -> None:
-        response: Response = PlainTextResponse(text, status) if status != 204 else Response(status_code=204)
-        await response(scope, receive, send)
+    @staticmethod
+    def _refuse(status: int, text: str) -> Prepared:
+        return Prepared.of(PlainTextResponse(text, status) if status != 204 else Response(status_code=204))
 
     def _where_from(self, scope: Scope) -> tuple[str | None, int]:
         if self.after is not None:
@@ -98,6 +99,11 @@ class JoinResponse:
         return None, 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        prepared = await self.prepare(scope, receive)
+        await prepared.app(scope, receive, send)
+
+    async def prepare(self, scope: Scope, receive: Receive) -> Prepared:
+        """Decide the answer (the stream, or 204, 400, 404) before anything is sent (see :mod:`.pull`)."""
         state = scope.get(SCOPE_KEY)
         if state is not None:
             state.decorated = True  # driven here: the middleware neither watches nor records it again
@@ -110,8 +116,7 @@ class JoinResponse:
             else:
                 active = await recorder.list_streams(StreamStatus.STREAMING, 1, key=self.key)
                 if not active:
-                    await self._refuse(scope, receive, send, 204, "")
-                    return
+                    return self._refuse(204, "")
                 sid = active[0].id
             after = 0
         else:
@@ -119,25 +124,21 @@ class JoinResponse:
             try:
                 found, after = self._where_from(scope)
             except ValueError as exc:
-                await self._refuse(scope, receive, send, 400, str(exc))
-                return
+                return self._refuse(400, str(exc))
             sid = found or self.stream_id
         live = recorder.live.streams.get(sid)
         record = None
         if live is None:
             record = await recorder.get_soon(sid)  # (a stream just started elsewhere may not be written yet)
             if record is None:
-                await self._refuse(scope, receive, send, 404, "no such stream")
-                return
+                return self._refuse(404, "no such stream")
         produced_at = record.path if record is not None else getattr(live.session if live else None, "path", None)
         if self.path is not None and produced_at != self.path:
-            await self._refuse(scope, receive, send, 400, "the event id belongs to a stream of another endpoint")
-            return
+            return self._refuse(400, "the event id belongs to a stream of another endpoint")
         # Over, and the client has it all; or, joining by key, over at all (it ended since the
         # list was read: the list may lag this recorder's queue, the record read above does not).
         if record is not None and record.finished and (self.key is not None or not await recorder.chunks(sid, after)):
-            await self._refuse(scope, receive, send, 204, "")
-            return
+            return self._refuse(204, "")
         # The stream as its format sees it: its id, metadata, start time, text event.
         view = StreamSession(recorder, id=sid, resumable=True)
         name = self.format
@@ -151,15 +152,17 @@ class JoinResponse:
             name = name or source.format
         wire = resolve_format(name or "sse")
         host = getattr(state, "middleware", None)
-        if after == 0:  # the whole stream again: from the format's opening bytes (the AI SDK's ``start``)
-            send = _opening(send, wire.begin(view))
-        driver = StreamDriver(None, receive, send, host=host, format=wire, ping=self.ping)
+        opening = wire.begin(view) if after == 0 else b""  # the whole stream again: from the format's opening bytes
         headers = [(k.encode(), v.encode()) for k, v in {**SSE_HEADERS, **wire.headers}.items()]
         headers += [(b"content-type", b"text/event-stream; charset=utf-8"), (b"x-stream-id", sid.encode())]
-        if scope.get("http_version") == "1.1":
-            headers.append((b"connection", b"keep-alive"))
-        await driver.relay({"type": "http.response.start", "status": 200, "headers": headers},
-                           recorder.follow(sid, after), view)
+        start_headers = [*headers, (b"connection", b"keep-alive")] if scope.get("http_version") == "1.1" else headers
+
+        async def relay(scope: Scope, receive: Receive, send: Send) -> None:
+            driver = StreamDriver(None, receive, _opening(send, opening), host=host, format=wire, ping=self.ping)
+            await driver.relay({"type": "http.response.start", "status": 200, "headers": start_headers},
+                               recorder.follow(sid, after), view)
+
+        return Prepared(200, headers, relay)
 
 
 def _opening(send: Send, body: bytes) -> Send:

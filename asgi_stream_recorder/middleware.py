@@ -42,11 +42,14 @@ log = logging.getLogger("asgi_stream_recorder")
 class RequestState:
     """What the middleware leaves in each HTTP scope under ``SCOPE_KEY``."""
 
-    __slots__ = ("decorated", "middleware", "recorder")
+    __slots__ = ("decorated", "middleware", "receive", "recorder")
 
-    def __init__(self, middleware: StreamRecorderMiddleware, recorder: Recorder) -> None:
+    def __init__(self, middleware: StreamRecorderMiddleware, recorder: Recorder, receive: Receive) -> None:
         self.middleware = middleware
         self.recorder = recorder
+        #: the request's ``receive`` as the server gave it: where a pulled stream hears its
+        #: client leave when the framework no longer listens (Django 4.2, see :mod:`.pull`)
+        self.receive = receive
         #: set by a response this library drives itself (a decorated stream, a join), so the
         #: middleware's wire tap neither watches nor records it a second time
         self.decorated = False
@@ -117,7 +120,7 @@ class StreamRecorderMiddleware:
             return
         if not self._lifespan_seen:
             await self._start_without_lifespan()
-        state = RequestState(self, self.recorder)
+        state = RequestState(self, self.recorder, receive)
         scope = {**scope, SCOPE_KEY: state}
         if _accepts_event_stream(scope):
             scope["headers"] = [(k, v) for k, v in scope["headers"] if k != b"accept-encoding"]

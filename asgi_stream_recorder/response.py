@@ -16,11 +16,12 @@ from typing import Any
 from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .driver import SCOPE_KEY, OnDisconnect, StreamDriver, StreamOptions
 from .formats import SSE_HEADERS, WireFormat, going_away_event, resolve_format
 from .join import JoinResponse, parse_event_id
+from .pull import Prepared
 from .recorders import Recorder, default_recorder
 from .session import StreamSession, new_stream_id
 from .sse import ServerSentEvent, encode
@@ -52,11 +53,8 @@ def _last_event_id(scope: Scope) -> str | None:
     return None
 
 
-async def _refuse(send: Send) -> None:
-    """A stream asked for while the server shuts down: 503, try again (elsewhere) in a second."""
-    await send({"type": "http.response.start", "status": 503,
-                "headers": [(b"content-type", b"text/plain; charset=utf-8"), (b"retry-after", b"1")]})
-    await send({"type": "http.response.body", "body": b"server shutting down"})
+#: a stream asked for while the server shuts down: 503, try again (elsewhere) in a second
+_REFUSAL = PlainTextResponse("server shutting down", 503, headers={"retry-after": "1"})
 
 
 def check_options(event: str | None, on_disconnect: str, ping: float | None, **seconds: float | None) -> None:
@@ -153,41 +151,52 @@ class RecordedStreamResponse(Response):
             await aclose()  # never started: none of its code runs
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        prepared = await self.prepare(scope, receive)
+        await prepared.app(scope, receive, send)
+
+    async def prepare(self, scope: Scope, receive: Receive) -> Prepared:
+        """Decide the answer's status and headers, and how its body is made (see :mod:`.pull`).
+
+        ``200`` and the stream; the headers only for ``HEAD``; a resuming client's join (or its
+        refusal); ``503`` while the server shuts down. The recorder is opened here, so a
+        database that cannot be reached fails the request before anything is sent.
+        """
         state = scope.get(SCOPE_KEY)
         if state is not None:
             state.decorated = True  # driven here: the middleware neither watches nor records it again
+        start = self._start_message(scope)
         if scope.get("method") == "HEAD":
-            await send(self._start_message(scope))
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
             await self._never_start()
-            return
+            return Prepared(self.status_code, self.raw_headers, _head_only(start))
         if self.resume and (last := _last_event_id(scope)) is not None:
             await self._never_start()  # a reconnecting client joins its stream: never a second generation
-            await self._rejoin(last, scope, receive, send)
-            return
+            return await self._rejoin(last, scope, receive)
         host = None
         if state is not None:
             host = state.middleware
             if host.shutting_down:
-                await _refuse(send)
-                return
+                return Prepared.of(_REFUSAL)
         recorder = self.recorder
         if recorder is None:
             recorder = state.recorder if state is not None else default_recorder()
         await recorder.ensure_open()
-        metadata = self.metadata(scope) if callable(self.metadata) else self.metadata
-        key = await self._key(scope, receive)
-        session = StreamSession(recorder, id=self.stream_id, metadata=dict(metadata or {}),
-                                path=scope.get("path"), method=scope.get("method"), text_event=self.event,
-                                key=key, format=self.format.name, resumable=self.resume)
-        opening = (_RETRY_HINT if self.resume else b"") + self.format.begin(session)  # (before it is recorded)
-        session.begin()
-        driver = StreamDriver(session, receive, send, host=host, format=self.format, ping=self.ping,
-                              on_disconnect=self.on_disconnect, options=self.options)
-        driver.preamble = opening
-        await driver.stream(self._start_message(scope), self._source, self.event)
-        if self.background is not None:
-            await self.background()
+
+        async def stream(scope: Scope, receive: Receive, send: Send) -> None:
+            metadata = self.metadata(scope) if callable(self.metadata) else self.metadata
+            key = await self._key(scope, receive)
+            session = StreamSession(recorder, id=self.stream_id, metadata=dict(metadata or {}),
+                                    path=scope.get("path"), method=scope.get("method"), text_event=self.event,
+                                    key=key, format=self.format.name, resumable=self.resume)
+            opening = (_RETRY_HINT if self.resume else b"") + self.format.begin(session)  # (before it is recorded)
+            session.begin()
+            driver = StreamDriver(session, receive, send, host=host, format=self.format, ping=self.ping,
+                                  on_disconnect=self.on_disconnect, options=self.options)
+            driver.preamble = opening
+            await driver.stream(start, self._source, self.event)
+            if self.background is not None:
+                await self.background()
+
+        return Prepared(self.status_code, self.raw_headers, stream)
 
     async def _key(self, scope: Scope, receive: Receive) -> str | None:
         key = self.key
@@ -200,15 +209,22 @@ class RecordedStreamResponse(Response):
             raise TypeError(f"a stream's key must be a str or None, not {type(value).__name__}")
         return value
 
-    async def _rejoin(self, last: str, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _rejoin(self, last: str, scope: Scope, receive: Receive) -> Prepared:
         try:
             stream_id, seq = parse_event_id(last)
             if stream_id is None:
                 raise ValueError("a resumable stream's event id names its stream")
         except ValueError as exc:
-            await PlainTextResponse(f"bad Last-Event-ID: {exc}", 400)(scope, receive, send)
-            return
+            return Prepared.of(PlainTextResponse(f"bad Last-Event-ID: {exc}", 400))
         state = scope.get(SCOPE_KEY)
         recorder = self.recorder or (state.recorder if state is not None else default_recorder())
         join = JoinResponse(recorder, stream_id, after=seq, format=self.format, ping=self.ping, path=scope.get("path"))
-        await join(scope, receive, send)
+        return await join.prepare(scope, receive)
+
+
+def _head_only(start: Message) -> ASGIApp:
+    async def head(scope: Scope, receive: Receive, send: Send) -> None:
+        await send(start)
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    return head

@@ -1,0 +1,131 @@
+"""Django: ``@recorded_stream`` for async views, answered with a ``StreamingHttpResponse``.
+
+Django (4.2 and later, served over ASGI) streams a ``StreamingHttpResponse`` by iterating its
+content in the request's task. The decorated view's response is the core one, run in pull mode
+(:mod:`asgi_stream_recorder.pull`): the same stream driver, with its disconnect watch,
+keep-alive comments, timeouts and record; Django sends what it yields, event by event.
+
+* A client that leaves: Django 5 cancels the response; Django 4.2 stops listening once it has
+  the request body, so there the middleware (``StreamRecorderMiddleware`` around the ASGI
+  application) tells of it; without either the stream runs to its end. The stream stops
+  ``cancelled`` (or goes on, with ``on_disconnect="continue"``) and the generator's
+  ``finally`` runs.
+* The recorder: the decorator's ``recorder=``, else the middleware's (when
+  ``StreamRecorderMiddleware`` wraps the ASGI application), else :func:`recorder`: the
+  ``ASGI_STREAM_RECORDER`` setting (a recorder URL or a :class:`Recorder`), else the process
+  default.
+* Never compressed: Django's ``GZipMiddleware`` would compress each event as a gzip stream of
+  its own (clients read only the first), so the view hides the request's ``Accept-Encoding``.
+* ``metadata`` and ``key`` callables get the Django ``HttpRequest``; ``fallback`` gets the
+  view's arguments.
+
+This needs ``django`` (the ``[django]`` extra) and an ASGI server: under WSGI there is no
+event loop to stream from, and the view says so.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any
+
+from django.conf import settings
+from django.http import HttpRequest, StreamingHttpResponse
+
+from ..decorator import Options, build_response, check_decorator_options
+from ..driver import SCOPE_KEY
+from ..pull import pull_body
+from ..recorders import Recorder, default_recorder, open_recorder
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+__all__ = ["SETTING", "recorded_stream", "recorder"]
+
+#: The Django setting naming the recorder: a URL (``"sqlite:///streams.db"``,
+#: ``"postgresql://..."``, ``"redis://..."``) or a :class:`Recorder`.
+SETTING = "ASGI_STREAM_RECORDER"
+
+_from_settings: dict[str, Recorder] = {}
+
+
+def recorder() -> Recorder:
+    """The recorder Django's settings name (:data:`SETTING`), made once per process; without
+    the setting, :func:`~asgi_stream_recorder.default_recorder`. Hand it to the middleware
+    in ``asgi.py`` so both use one."""
+    value = getattr(settings, SETTING, None)
+    if value is None:
+        return default_recorder()
+    if isinstance(value, Recorder):
+        return value
+    if not isinstance(value, str):
+        raise TypeError(f"settings.{SETTING} must be a recorder URL or a Recorder, not {type(value).__name__}")
+    if value not in _from_settings:
+        _from_settings[value] = open_recorder(value)
+    return _from_settings[value]
+
+
+def recorded_stream(
+    func: Callable[..., AsyncIterator[Any]] | None = None, /, **options: Unpack[Options]
+) -> Any:
+    """Make an async generator view ``async def chat(request, ...)`` stream what it yields as
+    recorded SSE. Takes the options of :func:`asgi_stream_recorder.recorded_stream`."""
+    checked = check_decorator_options(options)
+
+    def decorate(source: Callable[..., AsyncIterator[Any]]) -> Callable[..., Any]:
+        if not inspect.isasyncgenfunction(source):
+            raise TypeError(f"@recorded_stream needs an async generator function (async def with yield), "
+                            f"got {source!r}")
+
+        @functools.wraps(source)
+        async def view(request: HttpRequest, *args: Any, **kwargs: Any) -> StreamingHttpResponse:
+            scope = getattr(request, "scope", None)
+            if not isinstance(scope, dict):
+                raise RuntimeError("a recorded stream needs Django served over ASGI (an ASGI server such as "
+                                   "uvicorn, and get_asgi_application()), not WSGI")
+            # Django's GZipMiddleware compresses each chunk of an async stream as a gzip stream of
+            # its own, which clients (httpx, curl) stop reading after the first: an event stream
+            # is never compressed (as the middleware does for every SSE request).
+            request.META.pop("HTTP_ACCEPT_ENCODING", None)
+            resolved = await _per_request(checked, request, scope)
+            fallback = checked.get("fallback")
+            response = build_response(
+                source(request, *args, **kwargs), resolved,
+                fallback=None if fallback is None else lambda: fallback(request, *args, **kwargs))
+            prepared = await response.prepare(scope, _no_receive)
+            state = scope.get(SCOPE_KEY)
+            # Django 4.2 reads nothing after the body: the middleware's receive tells of a hang-up
+            hangup = state.receive if state is not None else None
+            answer = StreamingHttpResponse(pull_body(prepared, scope, hangup=hangup), status=prepared.status)
+            for name, value in prepared.header_items():
+                answer[name] = value
+            return answer
+
+        return view
+
+    return decorate if func is None else decorate(func)
+
+
+async def _per_request(options: Options, request: HttpRequest, scope: dict[str, Any]) -> Options:
+    """The options with what depends on the request worked out: the recorder, and the
+    ``metadata`` and ``key`` callables called with the Django request."""
+    resolved = options.copy()
+    if resolved.get("recorder") is None and scope.get(SCOPE_KEY) is None:
+        resolved["recorder"] = recorder()
+    metadata = resolved.get("metadata")
+    if callable(metadata):
+        resolved["metadata"] = dict(metadata(request))
+    key = resolved.get("key")
+    if callable(key):
+        value = key(request)
+        if inspect.isawaitable(value):
+            value = await value
+        if value is not None and not isinstance(value, str):
+            raise TypeError(f"a stream's key must be a str or None, not {type(value).__name__}")
+        resolved["key"] = value
+    return resolved
+
+
+async def _no_receive() -> dict[str, Any]:
+    raise RuntimeError("Django read the request already")  # prepare() reads nothing once the options are resolved
