@@ -6,13 +6,18 @@ own loop and yields its base URL; leaving the block shuts it down.
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import anyio
 import sniffio
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def free_port() -> int:
@@ -93,3 +98,43 @@ async def wait_until_answering(proc: Any, url: str, log: Any, name: str, timeout
                 except httpx.TransportError:
                     pass
                 await anyio.sleep(0.05)
+
+
+@dataclass
+class AppServer:
+    """An app served by ``python -m uvicorn`` in a process of its own (see :func:`uvicorn_process`)."""
+
+    url: str
+    log: Path
+    process: Any
+
+    def stop(self) -> None:
+        """SIGTERM: what a process manager sends for a graceful shutdown."""
+        self.process.terminate()
+
+
+@asynccontextmanager
+async def uvicorn_process(target: str, log: Path, env: dict[str, str]) -> AsyncIterator[AppServer]:
+    """``uvicorn <target>`` from the repository root with ``env`` added, until its ``/health``
+    answers; stopped on the way out, and its log must hold no traceback."""
+    import subprocess
+    import sys
+
+    port = free_port()
+    args = [sys.executable, "-m", "uvicorn", target, "--host", "127.0.0.1", "--port", str(port),
+            "--timeout-graceful-shutdown", "2"]
+    environ = {**os.environ, "PYTHONUNBUFFERED": "1", **env}
+    with log.open("wb") as out:
+        proc = await anyio.open_process(args, cwd=ROOT, env=environ, stdout=out, stderr=subprocess.STDOUT)
+    server = AppServer(f"http://127.0.0.1:{port}", log, proc)
+    try:
+        await wait_until_answering(proc, server.url, log, target, timeout=20)
+        yield server
+    finally:
+        with anyio.CancelScope(shield=True), anyio.fail_after(10):
+            if proc.returncode is None:
+                proc.terminate()
+            await proc.wait()
+            await proc.aclose()
+        text = log.read_text(errors="replace")  # noqa: ASYNC240 - the server has exited
+        assert "Traceback" not in text, text

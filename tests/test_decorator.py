@@ -369,3 +369,22 @@ async def test_a_user_header_in_another_case_replaces_ours_instead_of_doubling_i
             headers = s.headers
     assert headers.getlist("cache-control") == ["no-store"]
     assert headers.getlist("x-accel-buffering") == ["yes"]
+
+
+def test_framework_adapters_take_the_decorators_options() -> None:
+    """Django's and Quart's ``recorded_stream`` take ``**Options``: the same names as the core
+    decorator's keywords, checked where they are applied."""
+    from asgi_stream_recorder.decorator import Options
+    from asgi_stream_recorder.integrations import django as dj
+    from asgi_stream_recorder.integrations import quart as qt
+
+    keywords = {name for name, p in inspect.signature(recorded_stream).parameters.items()
+                if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    assert keywords == set(Options.__annotations__)
+    for adapter in (dj.recorded_stream, qt.recorded_stream):
+        with pytest.raises(ValueError, match="on_disconnect"):
+            adapter(on_disconnect="later")  # type: ignore[typeddict-item]
+        with pytest.raises(ValueError, match="ping"):
+            adapter(ping=-1)
+        with pytest.raises(TypeError, match="async generator"):
+            adapter(lambda request: None)  # type: ignore[arg-type,return-value]

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
-import anyio.abc
 import httpx
 import pytest
 from httpx_sse import aconnect_sse
@@ -27,11 +26,10 @@ from httpx_sse import aconnect_sse
 from asgi_stream_recorder import SQLiteRecorder, StreamRecord, StreamStatus
 from asgi_stream_recorder.recorders.base import Chunk
 
-from .servers import free_port, wait_until_answering
+from .servers import ROOT, AppServer, uvicorn_process
 
 pytestmark = pytest.mark.anyio
 
-ROOT = Path(__file__).resolve().parent.parent
 WAIT = 10
 DJANGO_42 = Path(os.environ.get("ASR_DJANGO42_DIR", "/tmp/asgi-stream-recorder-django42"))
 
@@ -59,12 +57,10 @@ class Server:
     url: str
     db: Path
     marks: Path
-    log: Path
-    process: anyio.abc.Process
+    app: AppServer
 
     def stop(self) -> None:
-        """SIGTERM: what a process manager sends for a graceful shutdown."""
-        self.process.terminate()
+        self.app.stop()
 
 
 @pytest.fixture(params=["django5", "django42"])
@@ -74,30 +70,15 @@ def version(request: pytest.FixtureRequest) -> str:
 
 @asynccontextmanager
 async def django_server(tmp_path: Path, version: str, target: str = "application") -> AsyncIterator[Server]:
-    port = free_port()
-    db, log = tmp_path / "streams.db", tmp_path / "server.log"
-    env = {**os.environ, "ASR_TEST_URL": f"sqlite:///{db}", "ASR_TEST_DIR": str(tmp_path), "PYTHONUNBUFFERED": "1"}
+    db = tmp_path / "streams.db"
+    env = {"ASR_TEST_URL": f"sqlite:///{db}", "ASR_TEST_DIR": str(tmp_path)}
     if version == "django42":
         env["PYTHONPATH"] = os.pathsep.join([str(django_42()), str(ROOT)])
-    args = [sys.executable, "-m", "uvicorn", f"tests.apps.django_app:{target}", "--host", "127.0.0.1",
-            "--port", str(port), "--timeout-graceful-shutdown", "2"]
-    with log.open("wb") as out:
-        proc = await anyio.open_process(args, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    server = Server(f"http://127.0.0.1:{port}", db, tmp_path, log, proc)
-    try:
-        await wait_until_answering(proc, server.url, log, "django", timeout=20)
+    async with uvicorn_process(f"tests.apps.django_app:{target}", tmp_path / "server.log", env) as app:
         async with httpx.AsyncClient(timeout=WAIT) as client:
-            answer = (await client.get(f"{server.url}/health")).text
+            answer = (await client.get(f"{app.url}/health")).text
         assert answer.startswith("ok django " + ("4.2" if version == "django42" else "5.")), answer
-        yield server
-    finally:
-        with anyio.CancelScope(shield=True), anyio.fail_after(10):
-            if proc.returncode is None:
-                proc.terminate()
-            await proc.wait()
-            await proc.aclose()
-        text = log.read_text(errors="replace")
-        assert "Traceback" not in text, text
+        yield Server(app.url, db, tmp_path, app)
 
 
 async def record_of(server: Server, stream_id: str, *, final: bool = True) -> tuple[StreamRecord, list[Chunk]]:
@@ -204,3 +185,27 @@ async def test_streams_app_next_to_django_and_shutdown(tmp_path: Path, version: 
     assert record.status is StreamStatus.INTERRUPTED
     assert [c.data for c in chunks] == seen
     assert (server.marks / "term.finally").exists()
+
+
+async def test_resume_with_last_event_id(tmp_path: Path, version: str) -> None:
+    """``resume=True``: a client that drops comes back with ``Last-Event-ID`` and gets the rest,
+    from the one generation (Django answers the join through the same pull mode)."""
+    async with django_server(tmp_path, version, "wrapped") as server, httpx.AsyncClient(timeout=WAIT) as client:
+        async with aconnect_sse(client, "GET", f"{server.url}/resume?n=20") as source:
+            sid = source.response.headers["x-stream-id"]
+            first = []
+            async for event in source.aiter_sse():
+                if event.id:  # (the retry hint that opens a resumable stream is no event)
+                    first.append(event)
+                if len(first) == 3:
+                    break
+        headers = {"Last-Event-ID": first[-1].id}
+        async with aconnect_sse(client, "GET", f"{server.url}/resume?n=20", headers=headers) as source:
+            assert source.response.headers["x-stream-id"] == sid
+            rest = [event async for event in source.aiter_sse()]
+        bad = await client.get(f"{server.url}/resume", headers={"Last-Event-ID": "nonsense"})
+        record, chunks = await record_of(server, sid)
+    assert bad.status_code == 400
+    data = [e.data for e in first] + [e.data for e in rest if e.event == "message"]
+    assert data == [f"part {i} " for i in range(20)] == [c.data for c in chunks]
+    assert rest[-1].event == "done" and record.status is StreamStatus.COMPLETED

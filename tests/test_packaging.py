@@ -115,3 +115,12 @@ def test_its_viewer_serves_pages_from_the_installed_files(installed: Path, tmp_p
         if server.stdout is not None:
             server.stdout.close()
     assert os.path.exists(db)
+
+
+@pytest.mark.parametrize(("module", "extra"), [("django", "django"), ("quart", "quart")])
+def test_framework_adapters_name_their_extra(installed: Path, tmp_path: Path, module: str, extra: str) -> None:
+    """Without the framework installed the package still imports; its adapter says what to install."""
+    code = (f"import asgi_stream_recorder\ntry:\n    import asgi_stream_recorder.integrations.{module}\n"
+            f"except ImportError as exc:\n    print(exc)\n")
+    said = run(installed / "python", "-c", code, cwd=tmp_path)
+    assert f"asgi-stream-recorder[{extra}]" in said

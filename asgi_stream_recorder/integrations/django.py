@@ -30,13 +30,18 @@ import inspect
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
-from django.conf import settings
-from django.http import HttpRequest, StreamingHttpResponse
+try:
+    from django.conf import settings
+    from django.http import HttpRequest, StreamingHttpResponse
+except ImportError as exc:  # pragma: no cover - tested in a fresh environment (test_packaging)
+    raise ImportError("asgi_stream_recorder.integrations.django needs Django: "
+                      "pip install 'asgi-stream-recorder[django]'") from exc
 
 from ..decorator import Options, build_response, check_decorator_options
 from ..driver import SCOPE_KEY
 from ..pull import pull_body
 from ..recorders import Recorder, default_recorder, open_recorder
+from ._framework import no_receive, per_request
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -88,12 +93,12 @@ def recorded_stream(
             # its own, which clients (httpx, curl) stop reading after the first: an event stream
             # is never compressed (as the middleware does for every SSE request).
             request.META.pop("HTTP_ACCEPT_ENCODING", None)
-            resolved = await _per_request(checked, request, scope)
+            resolved = await per_request(checked, request, scope, recorder)
             fallback = checked.get("fallback")
             response = build_response(
                 source(request, *args, **kwargs), resolved,
                 fallback=None if fallback is None else lambda: fallback(request, *args, **kwargs))
-            prepared = await response.prepare(scope, _no_receive)
+            prepared = await response.prepare(scope, no_receive)
             state = scope.get(SCOPE_KEY)
             # Django 4.2 reads nothing after the body: the middleware's receive tells of a hang-up
             hangup = state.receive if state is not None else None
@@ -105,27 +110,3 @@ def recorded_stream(
         return view
 
     return decorate if func is None else decorate(func)
-
-
-async def _per_request(options: Options, request: HttpRequest, scope: dict[str, Any]) -> Options:
-    """The options with what depends on the request worked out: the recorder, and the
-    ``metadata`` and ``key`` callables called with the Django request."""
-    resolved = options.copy()
-    if resolved.get("recorder") is None and scope.get(SCOPE_KEY) is None:
-        resolved["recorder"] = recorder()
-    metadata = resolved.get("metadata")
-    if callable(metadata):
-        resolved["metadata"] = dict(metadata(request))
-    key = resolved.get("key")
-    if callable(key):
-        value = key(request)
-        if inspect.isawaitable(value):
-            value = await value
-        if value is not None and not isinstance(value, str):
-            raise TypeError(f"a stream's key must be a str or None, not {type(value).__name__}")
-        resolved["key"] = value
-    return resolved
-
-
-async def _no_receive() -> dict[str, Any]:
-    raise RuntimeError("Django read the request already")  # prepare() reads nothing once the options are resolved

@@ -8,7 +8,8 @@ where the views leave marker files (a generator's ``finally`` ran; a gate the te
 
 Routes: ``/health``; ``/chat?n=&delay=&gate=`` (``@recorded_stream``, ``n`` tokens ``delay``
 seconds apart; with ``gate=1`` it waits after its first token until the file ``gate``
-exists); ``/chat/<name>`` (a path parameter, stored as ``key``); ``/post`` (POST, the JSON
+exists); ``/chat/<name>`` (a path parameter, stored as ``key``); ``/resume?n=`` (``resume=True``);
+``/post`` (POST, the JSON
 body's ``words`` streamed back, ``metadata`` from the request).
 """
 
@@ -81,7 +82,15 @@ async def post(request: HttpRequest) -> AsyncIterator[str]:
         yield word
 
 
+@recorded_stream(resume=True, ping=None)
+async def resumable(request: HttpRequest) -> AsyncIterator[str]:
+    for i in range(int(request.GET.get("n", "20"))):
+        yield f"part {i} "
+        await anyio.sleep(0.02)
+
+
 urlpatterns = [
+    path("resume", resumable),
     path("health", health),
     path("chat", chat),
     path("chat/<str:name>", named),
