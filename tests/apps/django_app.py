@@ -23,6 +23,15 @@ from pathlib import Path
 import anyio
 import django
 from django.conf import settings
+from django.core.asgi import get_asgi_application
+from django.http import HttpRequest, HttpResponse
+from django.urls import path
+from starlette.applications import Starlette
+from starlette.routing import Mount
+
+from asgi_stream_recorder import StreamRecorderMiddleware, streams_app
+from asgi_stream_recorder.integrations.django import recorded_stream, recorder
+from asgi_stream_recorder.streams import loopback_only
 
 settings.configure(
     DEBUG=False,
@@ -36,14 +45,6 @@ settings.configure(
 )
 django.setup()
 
-from django.core.asgi import get_asgi_application  # noqa: E402
-from django.http import HttpRequest, HttpResponse  # noqa: E402
-from django.urls import path  # noqa: E402
-from starlette.applications import Starlette  # noqa: E402
-from starlette.routing import Mount  # noqa: E402
-
-from asgi_stream_recorder import StreamRecorderMiddleware, streams_app  # noqa: E402
-from asgi_stream_recorder.integrations.django import recorded_stream, recorder  # noqa: E402
 
 MARKS = Path(os.environ.get("ASR_TEST_DIR", "."))
 
@@ -100,6 +101,6 @@ urlpatterns = [
 application = get_asgi_application()
 
 # The streams app next to Django's URLs, and the middleware around both (lifespan, shutdown).
-streams = streams_app(recorder=recorder(), authorize=lambda request, action, stream_id: True)
+streams = streams_app(recorder=recorder(), authorize=loopback_only)  # (your own hook in production)
 wrapped = StreamRecorderMiddleware(Starlette(routes=[Mount("/streams", streams), Mount("/", application)]),
                                    recorder=recorder())
