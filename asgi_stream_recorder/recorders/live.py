@@ -130,9 +130,16 @@ class LiveHub:
 
 
 class Follow:
-    """``async for chunk in recorder.follow(stream_id, after)``; see the module docstring.
+    """What ``recorder.follow(stream_id, after)`` returns: ``async for chunk in ...`` yields the
+    stream's chunks (:class:`~.base.Chunk`) with a seq above ``after``, in order and once each:
+    replayed from the record, then live (from memory when the stream runs in this process, else
+    from the record as the backend reports changes), until the stream ends.
 
-    Raises :class:`LookupError` (from the iteration) for a stream nobody knows.
+    Then ``status`` and ``error`` say how it ended, and ``record`` holds the stored record when
+    it was read from the backend; ``last`` is the seq of the last chunk yielded. ``buffer``:
+    the chunks a follower in the producer's process may fall behind before it catches up from
+    the record (the producer never waits for it). Raises :class:`LookupError` (from the
+    iteration) for a stream nobody knows.
     """
 
     def __init__(self, recorder: Recorder, stream_id: str, after: int = 0, *, buffer: int = FOLLOWER_BUFFER) -> None:
