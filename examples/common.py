@@ -59,7 +59,7 @@ class Settings:
     openai_model: str = field(default_factory=lambda: os.environ.get("OPENAI_MODEL") or "gpt-4o-mini")
     anthropic_api_key: str | None = field(default_factory=lambda: os.environ.get("ANTHROPIC_API_KEY") or None)
     anthropic_base_url: str | None = field(default_factory=lambda: os.environ.get("ANTHROPIC_BASE_URL") or None)
-    anthropic_model: str = field(default_factory=lambda: os.environ.get("ANTHROPIC_MODEL") or "claude-sonnet-4-5")
+    anthropic_model: str = field(default_factory=lambda: os.environ.get("ANTHROPIC_MODEL") or "claude-sonnet-5")
 
     _openai_client: Any = field(default=None, init=False, repr=False)
     _anthropic_client: Any = field(default=None, init=False, repr=False)

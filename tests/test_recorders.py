@@ -625,6 +625,7 @@ def test_open_recorder_reads_each_scheme_and_its_options(tmp_path: Path) -> None
     assert isinstance(rd, RedisRecorder) and (rd.backend.prefix, rd.backend.ttl) == ("app:", 604800.0)
     assert "pw" not in repr(rd) and "prefix" not in rd.backend._url
     assert isinstance(open_recorder("rediss://cache/0"), RedisRecorder)
+    assert RedisRecorder(socket_timeout=1.5).backend.socket_timeout == 1.5
 
 
 @pytest.mark.parametrize(("url", "words"), [
@@ -633,6 +634,10 @@ def test_open_recorder_reads_each_scheme_and_its_options(tmp_path: Path) -> None
     ("sqlite://host/x.db", "sqlite:///relative/path.db"),
     ("sqlite:///x.db?timeout=3", "sqlite:///relative/path.db"),
     ("redis://cache/0?ttl=week", "ttl='week' is not a float"),
+    ("redis://cache/0?schema=app", "option 'schema' is for postgresql:// and postgres:// recorders, not redis://"),
+    ("sqlite:///x.db?prefix=app:", "option 'prefix' is for redis://"),
+    ("postgresql://db/app?ttl=60", "option 'ttl' is for redis://"),
+    ("memory://?size=3", "a memory recorder URL is memory://"),
 ])
 def test_open_recorder_refuses_what_it_cannot_open(url: str, words: str) -> None:
     from asgi_stream_recorder import open_recorder

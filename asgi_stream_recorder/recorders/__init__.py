@@ -59,6 +59,9 @@ def __getattr__(name: str) -> Any:
 #: What the ``?name=value`` of a recorder URL may set (the rest goes to the driver), and its type.
 _URL_OPTIONS = {"schema": str, "prefix": str, "ttl": float, "lease": float, "batch_size": int,
                 "flush_interval": float, "max_pending": int, "max_pending_bytes": int}
+#: options only some backends take
+_SCHEME_OPTIONS = {"schema": ("postgresql", "postgres"), "prefix": ("redis", "rediss", "unix"),
+                   "ttl": ("redis", "rediss", "unix")}
 
 
 def open_recorder(url: str, **options: Any) -> Recorder:
@@ -83,6 +86,10 @@ def open_recorder(url: str, **options: Any) -> Recorder:
         else:
             driver_query.append((name, value))
     rest = urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(driver_query), parts.fragment))
+    for name, schemes in _SCHEME_OPTIONS.items():
+        if name in options and scheme not in schemes:
+            raise ValueError(f"recorder option {name!r} is for {' and '.join(s + '://' for s in schemes)} "
+                             f"recorders, not {parts.scheme}://")
     if scheme == "sqlite":
         if parts.netloc or not parts.path.startswith("/") or driver_query:
             raise ValueError("a SQLite recorder URL is sqlite:///relative/path.db or sqlite:////absolute/path.db")
@@ -96,6 +103,8 @@ def open_recorder(url: str, **options: Any) -> Recorder:
 
         return RedisRecorder(rest, **options)
     if scheme == "memory":
+        if driver_query or parts.netloc or parts.path:
+            raise ValueError(f"a memory recorder URL is memory:// (with recorder options only), not {url!r}")
         return MemoryRecorder(**options)
     raise ValueError(f"unknown recorder URL scheme {parts.scheme + ':' if parts.scheme else url!r}: use sqlite:///, "
                      "postgresql://, redis:// or memory://")

@@ -481,8 +481,8 @@ class RedisRecorder(Recorder):
     backend: RedisBackend
 
     def __init__(self, url: str = "redis://127.0.0.1:6379/0", *, prefix: str = "asr:", ttl: float | None = None,
-                 **options: Any) -> None:
-        super().__init__(RedisBackend(url, prefix=prefix, ttl=ttl), **options)
+                 socket_timeout: float = 5.0, **options: Any) -> None:
+        super().__init__(RedisBackend(url, prefix=prefix, ttl=ttl, socket_timeout=socket_timeout), **options)
 
     @property
     def url(self) -> str:
