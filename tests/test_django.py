@@ -209,3 +209,26 @@ async def test_resume_with_last_event_id(tmp_path: Path, version: str) -> None:
     data = [e.data for e in first] + [e.data for e in rest if e.event == "message"]
     assert data == [f"part {i} " for i in range(20)] == [c.data for c in chunks]
     assert rest[-1].event == "done" and record.status is StreamStatus.COMPLETED
+
+
+def test_djangos_own_async_test_client_reads_a_recorded_stream(tmp_path: Path) -> None:
+    """What a Django user tests with: ``django.test.AsyncClient`` and ``streaming_content``."""
+    script = tmp_path / "check.py"
+    script.write_text(
+        "import asyncio\n"
+        "import tests.apps.django_app\n"
+        "from django.test import AsyncClient\n"
+        "async def main():\n"
+        "    response = await AsyncClient().get('/chat?n=3')\n"
+        "    assert response.status_code == 200 and response['content-type'].startswith('text/event-stream')\n"
+        "    body = b''.join([part async for part in response.streaming_content]).decode()\n"
+        "    print(response['x-stream-id'])\n"
+        "    print(body)\n"
+        "asyncio.run(main())\n", encoding="utf-8")
+    env = {**os.environ, "ASR_TEST_URL": "memory://", "ASR_TEST_DIR": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, env=env,
+                            cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    sid, body = result.stdout.split("\n", 1)
+    assert body.startswith("id: 1\ndata: token 0 \n\nid: 2\ndata: token 1 \n\nid: 3\ndata: token 2 \n\n")
+    assert f'"stream_id":"{sid}","status":"completed"' in body
