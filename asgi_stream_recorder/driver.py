@@ -22,8 +22,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -69,19 +68,33 @@ class Host(Protocol):
     def release_background(self) -> None: ...
 
 
-@contextmanager
-def unwrap_group() -> Iterator[None]:
-    """Re-raise a task group's lone error as itself, so callers (and outer middleware such as
-    Sentry's) see the exception that happened, not an ``ExceptionGroup`` around it."""
-    try:
-        yield
-    except BaseException as exc:
-        inner = exc
+class _UnwrapGroup:
+    """The context manager :func:`unwrap_group` returns: stateless, so one serves every stream
+    (a generator-based one would cost each open stream a generator and its frame)."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> Literal[False]:
+        if exc is None or not isinstance(exc, BaseExceptionGroup):
+            return False  # nothing, or a plain error: it goes on as it is
+        inner: BaseException = exc
         while isinstance(inner, BaseExceptionGroup) and len(inner.exceptions) == 1:
             inner = inner.exceptions[0]
         if inner is exc:
-            raise
+            return False
         raise inner from exc.__cause__
+
+
+_UNWRAP_GROUP = _UnwrapGroup()
+
+
+def unwrap_group() -> _UnwrapGroup:
+    """Re-raise a task group's lone error as itself, so callers (and outer middleware such as
+    Sentry's) see the exception that happened, not an ``ExceptionGroup`` around it."""
+    return _UNWRAP_GROUP
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,8 +118,19 @@ class StreamOptions:
     fallback: Callable[[], AsyncIterator[Any]] | None = None
 
 
+_NO_OPTIONS = StreamOptions()
+
+
 class StreamDriver:
     """Drives one stream for one client; see the module docstring."""
+
+    # One per open stream: slots keep it small (an idle stream is mostly its objects).
+    __slots__ = (
+        "session", "_receive", "_send", "host", "format", "ping", "continues", "error", "exhausted",
+        "stopped_for_client", "stopped_by_request", "interrupted", "client_gone", "started", "ended", "at_boundary",
+        "status", "_reserved", "_scope", "_last_send", "forward", "preamble", "options", "_source", "_pending",
+        "_more", "_sending",
+    )
 
     def __init__(
         self,
@@ -145,9 +169,10 @@ class StreamDriver:
         self.forward: Callable[[Message], None] | None = None
         #: bytes sent right after the start (a resumable stream's retry hint)
         self.preamble = b""
-        self.options = options or StreamOptions()
+        self.options = options or _NO_OPTIONS
         self._source: AsyncIterator[Any] | None = None  # the source pumped now (a fallback's, once used)
-        self._pending: list[tuple[int, str, str | None] | bytes] = []  # coalesced, not yet sent
+        #: coalesced, not yet sent (None until the first: most streams never coalesce)
+        self._pending: list[tuple[int, str, str | None] | bytes] | None = None
         self._more: anyio.Event | None = None  # set when something is pending
         self._sending: anyio.Lock | None = None  # (made when first needed: most streams never coalesce)
 
@@ -425,7 +450,10 @@ class StreamDriver:
 
     # -- coalescing ----------------------------------------------------------------------------
     def _queue_send(self, entry: tuple[int, str, str | None] | bytes) -> None:
-        self._pending.append(entry)
+        if self._pending is None:
+            self._pending = [entry]
+        else:
+            self._pending.append(entry)
         if self._more is not None:
             self._more.set()
 
@@ -452,7 +480,7 @@ class StreamDriver:
         if self._sending is None:
             self._sending = anyio.Lock()
         async with self._sending:  # the flusher and the pump's last call: one after the other
-            pending, self._pending = self._pending, []
+            pending, self._pending = self._pending, None
             if pending and self.session is not None:
                 await self.send_body(self._coalesced(pending, self.session))
 

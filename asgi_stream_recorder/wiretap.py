@@ -44,6 +44,13 @@ class WireTap:
     """See the module docstring. ``spawn`` starts a task in the middleware's task group (None
     when the server runs no lifespan: the request then opens a task group of its own)."""
 
+    # One per HTTP request through the middleware, alive as long as the request: slots, and
+    # what only an undecorated event stream needs is made when one begins (see ``_start``).
+    __slots__ = (
+        "host", "state", "scope", "receive", "send", "recorder", "ping", "on_disconnect", "spawn", "driver",
+        "parser", "gone_early", "_pending", "_disconnected", "_watch_scope", "_done", "_tg", "_tail", "_app_scope",
+    )
+
     def __init__(
         self,
         host: Host,
@@ -63,17 +70,24 @@ class WireTap:
         self.driver: StreamDriver | None = None
         self.parser: SSEParser | None = None
         self.gone_early = False  # the app read a disconnect before its stream began
-        self._pending: collections.deque[Message] = collections.deque()
-        self._disconnected = anyio.Event()
+        # receive messages the watch read for the app, and the client's leaving as the app
+        # sees it: made with the driver (a decorated stream or a plain response never needs them)
+        self._pending: collections.deque[Message] | None = None
+        self._disconnected: anyio.Event | None = None
         self._watch_scope: anyio.CancelScope | None = None
         self._done = False
         self._tg: anyio.abc.TaskGroup | None = None
         self._tail = b""  # the last bytes sent, to know whether they end between events
+        self._app_scope: anyio.CancelScope | None = None
 
-    async def run(self, app: ASGIApp) -> None:
+    def run(self, app: ASGIApp) -> Awaitable[None]:
+        """The request through the tap, to await (one coroutine, not two, for the common case:
+        each is a frame kept alive as long as the request)."""
         if self.spawn is not None:
-            await self._call(app)
-            return
+            return self._call(app)
+        return self._run_in_group(app)
+
+    async def _run_in_group(self, app: ASGIApp) -> None:
         with unwrap_group():
             async with anyio.create_task_group() as tg:
                 self._tg = tg
@@ -118,6 +132,7 @@ class WireTap:
             return message
         if self._pending:
             return self._pending.popleft()
+        assert self._disconnected is not None  # (made with the driver)
         await self._disconnected.wait()
         return {"type": "http.disconnect"}
 
@@ -131,6 +146,7 @@ class WireTap:
             try:
                 await driver.watch()
             finally:
+                assert self._disconnected is not None
                 self._disconnected.set()
 
     # -- send: headers on the start message, the tap on body messages ------------------------
@@ -156,6 +172,7 @@ class WireTap:
                 await self.send(message)
             except OSError:
                 driver.client_left()
+                assert self._disconnected is not None
                 self._disconnected.set()
                 raise
             return
@@ -182,9 +199,12 @@ class WireTap:
                 self.parser = SSEParser()
                 headers.append((b"x-stream-id", session.id.encode()))
                 session.begin()
+            self._pending = collections.deque()
+            self._disconnected = anyio.Event()
             driver = self.driver = StreamDriver(session, self.receive, self.send, host=self.host, ping=self.ping,
                                                 on_disconnect=self.on_disconnect)
             driver.forward = self._pending.append
+            assert self._app_scope is not None
             driver.attach(self._app_scope)
             self.host.track(driver)
             if self.gone_early:

@@ -14,6 +14,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
@@ -233,12 +234,16 @@ def server(
     proc_env = {**os.environ, **(env or {})}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc_env["PYTHONPATH"] = os.pathsep.join(p for p in [proc_env.get("PYTHONPATH", ""), root] if p)
-    proc = subprocess.Popen(cmd, env=proc_env, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # The server's log goes to a file: a pipe nobody reads fills after 64 KiB (a burst of
+    # warnings under load) and then blocks the server's event loop in write(2).
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen(cmd, env=proc_env, cwd=root, stdout=subprocess.DEVNULL, stderr=log)
     try:
         deadline = time.monotonic() + 20
         while True:
             if proc.poll() is not None:
-                err = proc.stderr.read().decode() if proc.stderr else ""
+                log.seek(0)
+                err = log.read().decode(errors="replace")
                 raise RuntimeError(f"server {app} exited: {err[-2000:]}")
             try:
                 with socket.create_connection((HOST, port), timeout=0.2):
@@ -255,8 +260,7 @@ def server(
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        if proc.stderr is not None:
-            proc.stderr.close()
+        log.close()
 
 
 def rss_kib(pid: int) -> tuple[int, int]:
