@@ -39,6 +39,7 @@ from asgi_stream_recorder import (
     Recorder,
     RecorderError,
     ServerSentEvent,
+    SQLiteBackend,
     SQLiteRecorder,
     StreamRecord,
     StreamStatus,
@@ -814,3 +815,51 @@ async def test_queued_chunks_are_not_each_a_gc_tracked_object(tmp_path: Path) ->
         assert record.chunk_count == n and not record.metadata.get("dropped_chunks"), record.metadata
     assert grown < 1000, f"{n} queued chunks left {grown} more GC-tracked objects (one per chunk?)"
 
+
+
+# -- a busy event loop must not starve the SQLite writer ---------------------------------------------
+
+
+async def test_sqlite_writes_a_batch_of_many_streams_in_a_few_statements(tmp_path: Path) -> None:
+    """Every statement SQLite runs releases the GIL, and while the event loop is busy (a
+    thousand streams) the writer thread waits up to the switch interval (5 ms) to get it back
+    after each one. One statement per row made a batch of 1,000 streams' starts, segments and
+    ends take 15 s under load, the queue filled and chunks were dropped (bench memory, loss
+    check). A batch goes in as a few multi-row statements instead, and stays exact."""
+    from asgi_stream_recorder.recorders.base import Batch, Segment, StreamEnd, StreamStart
+
+    backend = SQLiteBackend(tmp_path / "s.db")
+    await backend.connect()
+    try:
+        n = 1000
+        starts = [StreamStart(f"s{i:04d}", 1.0 + i, metadata={"i": i}) for i in range(n)]
+        segments = []
+        for i in range(n):
+            segment = Segment(f"s{i:04d}")
+            for seq in range(1, 4):
+                segment.add(seq, f"t{seq} ", "word" if (i, seq) == (7, 2) else None, float(seq))
+            segments.append(segment)
+        ends = [StreamEnd(f"s{i:04d}", StreamStatus.COMPLETED, 2.0 + i, metadata={"i": i},
+                          content="t1 t3 " if i == 7 else "t1 t2 t3 ", chunk_count=3) for i in range(n)]
+        statements: list[str] = []
+        assert backend._wcon is not None
+        backend._wcon.set_trace_callback(statements.append)
+        await backend.write(Batch(starts, segments, []))
+        await backend.write(Batch([], [], ends))
+        backend._wcon.set_trace_callback(None)
+        assert len(statements) <= 40, f"{len(statements)} statements for {3 * n} records"
+        for i in (0, 7, 999):
+            record = await backend.get(f"s{i:04d}")
+            assert record is not None and record.status is StreamStatus.COMPLETED
+            assert record.metadata == {"i": i} and record.chunk_count == 3
+            chunks = await backend.chunks(f"s{i:04d}", 0)
+            assert [(c.seq, c.data, c.event) for c in chunks] == [
+                (1, "t1 ", None), (2, "t2 ", "word" if i == 7 else None), (3, "t3 ", None)]
+        stored = sqlite3.connect(tmp_path / "s.db").execute("SELECT count(*) FROM chunks").fetchone()[0]
+        assert stored == 3 * n
+        # an end of a stream that never started is still refused, by name
+        with pytest.raises(sqlite3.IntegrityError, match="s9999"):
+            await backend.write(Batch([], [], [StreamEnd("s0001", StreamStatus.FAILED, 3.0),
+                                               StreamEnd("s9999", StreamStatus.FAILED, 3.0)]))
+    finally:
+        await backend.close()
