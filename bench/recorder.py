@@ -9,6 +9,10 @@
   (stdlib sqlite3 in an anyio worker thread, one hop per batch) and, with the same schema and
   statements, by aiosqlite on asyncio (one transaction per batch).
 * ``asyncio`` vs ``trio``: the buffered path, 1 stream, on each event loop.
+* ``busy loop``: one batch of 1,000 streams (each a start, 50 chunks and an end) written by
+  ``SQLiteBackend.write`` (a few multi-row statements) and, the same rows, one statement per
+  row (``executemany``), while another Python thread spins as a busy event loop does. Each
+  statement releases the GIL, and getting it back costs up to the switch interval (5 ms).
 
 Every run writes into a fresh database file so that no contender inherits a bigger B-tree.
 """
@@ -169,6 +173,70 @@ async def aiosqlite_rate(path: str, batches: list[Segment]) -> float:
     return sum(map(len, batches)) / dt
 
 
+def _busy_batches(tag: str, n: int = 1000, chunks: int = 50) -> tuple[Batch, Batch]:
+    from asgi_stream_recorder.recorders.base import StreamEnd, StreamStart, StreamStatus
+
+    starts = [StreamStart(f"{tag}-{i}", 1.0) for i in range(n)]
+    segments = []
+    for i in range(n):
+        segment = Segment(f"{tag}-{i}")
+        for q in range(1, chunks + 1):
+            segment.add(q, WORDS[q & 7], None, float(q))
+        segments.append(segment)
+    ends = [StreamEnd(f"{tag}-{i}", StreamStatus.COMPLETED, 2.0, content="x", chunk_count=chunks) for i in range(n)]
+    return Batch(starts, segments, []), Batch([], [], ends)
+
+
+def _per_row_write(con: Any, batch: Batch) -> None:
+    """The same rows as ``SQLiteBackend.write``, one statement per row (as it was before)."""
+    from asgi_stream_recorder.recorders.sqlite import _INSERT_SEGMENT, _INSERT_STREAM, _dumps, _segment_rows
+
+    con.executemany(_INSERT_STREAM, [(s.id, s.created_at, _dumps(s.metadata), s.path, s.method, s.text_event,
+                                      s.owner, s.key, s.format) for s in batch.starts])
+    con.executemany(_INSERT_SEGMENT, _segment_rows(batch.segments))
+    for end in batch.ends:
+        con.execute("UPDATE streams SET status = ?, completed_at = ?, error = ?, metadata = ?, chunk_count = ?,"
+                    " content = ? WHERE id = ?", (str(end.status), end.completed_at, end.error,
+                                                  _dumps(end.metadata), end.chunk_count, end.content, end.id))
+        con.execute("DELETE FROM cancels WHERE stream_id = ?", (end.id,))
+
+
+def busy_write_ms(path: str, way: str, busy: bool) -> float:
+    """Milliseconds to write 1,000 streams' records (two transactions), optionally beside a spinning thread."""
+    import threading
+
+    from asgi_stream_recorder.recorders.sqlite import _write_batch
+
+    async def run() -> float:
+        backend = SQLiteBackend(path)
+        await backend.connect()
+        try:
+            first, second = _busy_batches(way)
+            write = _write_batch if way == "ours" else _per_row_write
+            t0 = time.perf_counter()
+            for batch in (first, second):
+                await backend._writing(lambda con, b=batch: write(con, b))
+            return (time.perf_counter() - t0) * 1000
+        finally:
+            await backend.close()
+
+    stop = threading.Event()
+
+    def spin() -> None:
+        while not stop.is_set():
+            sum(range(100))
+
+    spinner = threading.Thread(target=spin, daemon=True)
+    if busy:
+        spinner.start()
+    try:
+        return float(anyio.run(run))
+    finally:
+        stop.set()
+        if busy:
+            spinner.join()
+
+
 def main(quick: bool) -> dict[str, Any]:
     scratch = Scratch()
     rounds = 2 if quick else 3
@@ -227,6 +295,15 @@ def main(quick: bool) -> dict[str, Any]:
         s = summary(samples)
         s["ratio_trio_to_asyncio"] = s["trio"]["median"] / s["asyncio"]["median"]
         out["event_loops"] = s
+
+        say("  design note: a batch of 1,000 streams beside a busy thread")
+        samples = alternate(
+            {f"{way}_{'busy' if busy else 'idle'}": (lambda w=way, b=busy: busy_write_ms(scratch.path(), w, b))
+             for way in ("ours", "per_row") for busy in (False, True)},
+            1 if quick else rounds,
+            say,
+        )
+        out["busy_loop_ms"] = summary(samples)
     finally:
         scratch.cleanup()
     return out

@@ -150,6 +150,12 @@ def rows(res: dict[str, Any]) -> tuple[list[list[str]], list[dict[str, Any]]]:
         table.append(["design: event loop", "buffered path on asyncio", fmt(e["asyncio"]["median"], "/s"), ""])
         table.append(["design: event loop", "buffered path on trio", fmt(e["trio"]["median"], "/s"),
                       f"{e['ratio_trio_to_asyncio']:.2f}x asyncio"])
+        bl = rc.get("busy_loop_ms")
+        if bl:
+            for way, label in (("ours", "multi-row statements (ours)"), ("per_row", "one statement per row")):
+                table.append(["design: 1,000 streams' batch", label,
+                              f"{bl[way + '_idle']['median']:,.0f} ms idle",
+                              f"{bl[way + '_busy']['median']:,.0f} ms beside a busy thread"])
     mm = res.get("memory")
     if mm:
         for name, e in mm["idle"].items():
