@@ -226,33 +226,49 @@ def server(
 
     The process is bounded in time by ``timeout`` (killed after it) and stopped on exit.
     """
-    port = free_port()
     opts = STACKS[stack]
-    cmd = [
-        sys.executable, "-m", "bench.serve", app, str(port), opts["http"], opts["loop"], str(timeout),
-    ]
-    proc_env = {**os.environ, **(env or {})}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc_env["PYTHONPATH"] = os.pathsep.join(p for p in [proc_env.get("PYTHONPATH", ""), root] if p)
-    # The server's log goes to a file: a pipe nobody reads fills after 64 KiB (a burst of
-    # warnings under load) and then blocks the server's event loop in write(2).
-    log = tempfile.TemporaryFile()
-    proc = subprocess.Popen(cmd, env=proc_env, cwd=root, stdout=subprocess.DEVNULL, stderr=log)
+    log = ""
     try:
-        deadline = time.monotonic() + 20
+        with server_process(lambda port: ["bench.serve", app, str(port), opts["http"], opts["loop"], str(timeout)],
+                            env, app) as (port, pid, log):
+            yield port, pid
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            if log:
+                os.unlink(log)
+
+
+@contextlib.contextmanager
+def server_process(
+    command: Callable[[int], list[str]], env: dict[str, str] | None, name: str, start_timeout: float = 30.0
+) -> Iterator[tuple[int, int, str]]:
+    """Run ``python -m <command(port)>`` from the repository root, wait until it listens on
+    127.0.0.1:port; yield (port, pid, the path of its log file); stop it on exit.
+
+    The log goes to a file: a pipe nobody reads fills after 64 KiB (a burst of warnings under
+    load) and then blocks the server's event loop in write(2). The caller removes the file
+    (``server`` does; ``bench.memory.log_summary`` reads it first)."""
+    port = free_port()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc_env = {**os.environ, **(env or {})}
+    proc_env["PYTHONPATH"] = os.pathsep.join(p for p in [proc_env.get("PYTHONPATH", ""), root] if p)
+    fd, log_path = tempfile.mkstemp(prefix=f"asr-bench-{name}-", suffix=".log")
+    with os.fdopen(fd, "wb") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", *command(port)], env=proc_env, cwd=root,
+                                stdout=subprocess.DEVNULL, stderr=log_file)
+    try:
+        deadline = time.monotonic() + start_timeout
         while True:
             if proc.poll() is not None:
-                log.seek(0)
-                err = log.read().decode(errors="replace")
-                raise RuntimeError(f"server {app} exited: {err[-2000:]}")
+                raise RuntimeError(f"server {name} exited: {_tail(log_path)}")
             try:
                 with socket.create_connection((HOST, port), timeout=0.2):
                     break
             except OSError:
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"server {app} did not start") from None
+                    raise RuntimeError(f"server {name} did not start: {_tail(log_path)}") from None
                 time.sleep(0.05)
-        yield port, proc.pid
+        yield port, proc.pid, log_path
     finally:
         proc.terminate()
         try:
@@ -260,7 +276,11 @@ def server(
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        log.close()
+
+
+def _tail(path: str, n: int = 2000) -> str:
+    with open(path, "rb") as f:
+        return f.read()[-n:].decode(errors="replace")
 
 
 def rss_kib(pid: int) -> tuple[int, int]:

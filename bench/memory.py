@@ -31,22 +31,18 @@ Every wait is bounded: a family run ends in minutes whatever the server does.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import json
 import os
 import resource
-import socket
 import sqlite3
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
-from .common import HOST, RawStream, dechunk, free_port, http_get, median, rotate, rss_kib, say
+from .common import HOST, RawStream, dechunk, http_get, median, rotate, rss_kib, say, server_process
 
 STACK = "uvicorn-httptools-uvloop"
 
@@ -112,43 +108,10 @@ def serve(kind: str, port: int, timeout: float) -> None:
                 access_log=False, backlog=4096, timeout_keep_alive=30, timeout_graceful_shutdown=1)
 
 
-@contextlib.contextmanager
-def server(kind: str, env: dict[str, str] | None = None, timeout: float = 600.0) -> Iterator[tuple[int, int, str]]:
+def server(kind: str, env: dict[str, str] | None = None, timeout: float = 600.0) -> Any:
     """Serve ``build(kind)`` in a subprocess that logs to a file; yield (port, pid, log path).
     The process kills itself after ``timeout`` and is stopped on exit."""
-    port = free_port()
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc_env = {**os.environ, **(env or {})}
-    proc_env["PYTHONPATH"] = os.pathsep.join(p for p in [proc_env.get("PYTHONPATH", ""), root] if p)
-    fd, log_path = tempfile.mkstemp(prefix="asr-bench-memory-", suffix=".log")
-    with os.fdopen(fd, "wb") as log_file:
-        proc = subprocess.Popen([sys.executable, "-m", "bench.memory", "serve", kind, str(port), str(timeout)],
-                                env=proc_env, cwd=root, stdout=subprocess.DEVNULL, stderr=log_file)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server {kind} exited: {_tail(log_path)}")
-            try:
-                with socket.create_connection((HOST, port), timeout=0.2):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"server {kind} did not start: {_tail(log_path)}") from None
-                time.sleep(0.05)
-        yield port, proc.pid, log_path
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def _tail(path: str, n: int = 2000) -> str:
-    with open(path, "rb") as f:
-        return f.read()[-n:].decode(errors="replace")
+    return server_process(lambda port: ["bench.memory", "serve", kind, str(port), str(timeout)], env, kind)
 
 
 def log_summary(path: str) -> dict[str, Any]:

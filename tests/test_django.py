@@ -4,8 +4,8 @@
 and wrapped (the streams app mounted next to Django's URLs, under the middleware), on the
 installed Django (5.x) and on Django 4.2 LTS (installed with pip into a directory put first
 on the server's ``PYTHONPATH``). A real httpx client reads each stream (with its default
-``Accept-Encoding: gzip``: the app runs Django's ``GZipMiddleware``), and the record, read
-from the SQLite file afterwards, must say what the client saw.
+``Accept-Encoding: gzip``: the app runs Django's ``GZipMiddleware``); the checks every
+adapter must pass are in ``tests/pulled_checks.py``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
@@ -23,14 +22,21 @@ import httpx
 import pytest
 from httpx_sse import aconnect_sse
 
-from asgi_stream_recorder import SQLiteRecorder, StreamRecord, StreamStatus
-from asgi_stream_recorder.recorders.base import Chunk
+from asgi_stream_recorder import StreamStatus
 
-from .servers import ROOT, AppServer, uvicorn_process
+from .pulled_checks import (
+    WAIT,
+    Served,
+    hang_up_cancels,
+    incremental_and_exact,
+    post_body_and_key,
+    record_of,
+    sigterm_interrupts,
+)
+from .servers import ROOT, uvicorn_process
 
 pytestmark = pytest.mark.anyio
 
-WAIT = 10
 DJANGO_42 = Path(os.environ.get("ASR_DJANGO42_DIR", "/tmp/asgi-stream-recorder-django42"))
 
 
@@ -52,24 +58,13 @@ def django_42() -> Path:
     return DJANGO_42
 
 
-@dataclass
-class Server:
-    url: str
-    db: Path
-    marks: Path
-    app: AppServer
-
-    def stop(self) -> None:
-        self.app.stop()
-
-
 @pytest.fixture(params=["django5", "django42"])
 def version(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
 @asynccontextmanager
-async def django_server(tmp_path: Path, version: str, target: str = "application") -> AsyncIterator[Server]:
+async def django_server(tmp_path: Path, version: str, target: str = "application") -> AsyncIterator[Served]:
     db = tmp_path / "streams.db"
     env = {"ASR_TEST_URL": f"sqlite:///{db}", "ASR_TEST_DIR": str(tmp_path)}
     if version == "django42":
@@ -78,48 +73,13 @@ async def django_server(tmp_path: Path, version: str, target: str = "application
         async with httpx.AsyncClient(timeout=WAIT) as client:
             answer = (await client.get(f"{app.url}/health")).text
         assert answer.startswith("ok django " + ("4.2" if version == "django42" else "5.")), answer
-        yield Server(app.url, db, tmp_path, app)
-
-
-async def record_of(server: Server, stream_id: str, *, final: bool = True) -> tuple[StreamRecord, list[Chunk]]:
-    """The stream's record and chunks once it has ended (bounded wait)."""
-    async with SQLiteRecorder(server.db) as recorder:
-        with anyio.fail_after(WAIT):
-            while True:
-                record = await recorder.get(stream_id)
-                if record is not None and (record.finished or not final):
-                    return record, await recorder.chunks(stream_id)
-                await anyio.sleep(0.02)
-
-
-async def wait_for_file(path: Path) -> None:
-    with anyio.fail_after(WAIT):
-        while not path.exists():  # noqa: ASYNC110, ASYNC240 - another process writes it
-            await anyio.sleep(0.02)
+        yield Served(app.url, db, tmp_path, app)
 
 
 @pytest.mark.parametrize("target", ["application", "wrapped"])
 async def test_stream_is_incremental_and_recorded_exactly(tmp_path: Path, version: str, target: str) -> None:
-    async with django_server(tmp_path, version, target) as server, httpx.AsyncClient(timeout=WAIT) as client:
-        # The generator waits after its first token until the test opens its gate: the client
-        # must have the first event by then (nothing buffered, by Django or its GZipMiddleware).
-        async with aconnect_sse(client, "GET", f"{server.url}/chat?n=4&gate=1&tag=inc") as source:
-            assert source.response.headers["content-type"].startswith("text/event-stream")
-            assert "content-encoding" not in source.response.headers
-            stream_id = source.response.headers["x-stream-id"]
-            events = source.aiter_sse()
-            first = await events.__anext__()
-            assert (first.id, first.data) == ("1", "token 0 ")
-            (server.marks / "inc.gate").write_text("open")
-            rest = [event async for event in events]
-    data = [(e.id, e.data) for e in rest if e.event == "message"]
-    assert data == [("2", "token 1 "), ("3", "token 2 "), ("4", "token 3 ")]
-    assert rest[-1].event == "done"
-    record, chunks = await record_of(server, stream_id)
-    assert record.status is StreamStatus.COMPLETED
-    assert [(str(c.seq), c.data) for c in chunks] == [(first.id, first.data), *data]
-    assert record.metadata["user_agent"].startswith("python-httpx")
-    assert (server.marks / "inc.finally").exists()
+    async with django_server(tmp_path, version, target) as served:
+        await incremental_and_exact(served)
 
 
 @pytest.mark.parametrize(("version", "target"), [("django5", "application"), ("django5", "wrapped"),
@@ -127,71 +87,36 @@ async def test_stream_is_incremental_and_recorded_exactly(tmp_path: Path, versio
 async def test_hang_up_cancels_the_generator(tmp_path: Path, version: str, target: str) -> None:
     """Django 5 cancels the response; Django 4.2 does not listen any more, the middleware does
     (bare Django 4.2 cannot tell: that case is documented, not tested)."""
-    async with django_server(tmp_path, version, target) as server, httpx.AsyncClient(timeout=WAIT) as client:
-        async with aconnect_sse(client, "GET", f"{server.url}/chat?n=100000&delay=0.02&tag=gone") as source:
-            stream_id = source.response.headers["x-stream-id"]
-            seen = []
-            async for event in source.aiter_sse():
-                seen.append(event.data)
-                if len(seen) == 3:
-                    break
-        # the connection is closed here: the generator must stop, its finally run
-        await wait_for_file(server.marks / "gone.finally")
-        record, chunks = await record_of(server, stream_id)
-    assert record.status is StreamStatus.CANCELLED
-    assert "client_disconnected_at_ms" in record.metadata and "cancelled_by" not in record.metadata
-    assert [c.data for c in chunks[:3]] == seen
-    assert len(chunks) < 1000  # stopped, not run to its end
+    async with django_server(tmp_path, version, target) as served:
+        await hang_up_cancels(served)
 
 
 async def test_post_body_path_parameters_and_key(tmp_path: Path, version: str) -> None:
-    async with django_server(tmp_path, version) as server, httpx.AsyncClient(timeout=WAIT) as client:
-        async with aconnect_sse(client, "POST", f"{server.url}/post", json={"words": ["a", "b\nc", "d"]}) as source:
-            sid = source.response.headers["x-stream-id"]
-            events = [event async for event in source.aiter_sse()]
-        assert [(e.event, e.data) for e in events[:-1]] == [("word", "a"), ("word", "b\nc"), ("word", "d")]
-        async with aconnect_sse(client, "GET", f"{server.url}/chat/alice") as source:
-            named = source.response.headers["x-stream-id"]
-            assert [e.data async for e in source.aiter_sse()][:1] == ["hello alice"]
-        record, chunks = await record_of(server, sid)
-        assert [c.data for c in chunks] == ["a", "b\nc", "d"] and record.text_event == "word"
-        record, _ = await record_of(server, named)
-        assert record.key == "alice" and record.path == "/chat/alice"
+    async with django_server(tmp_path, version) as served:
+        await post_body_and_key(served)
 
 
 async def test_streams_app_next_to_django_and_shutdown(tmp_path: Path, version: str) -> None:
     """Wrapped: ``/streams`` answers next to Django's URLs; a SIGTERM mid-stream ends the stream
     ``interrupted`` with its chunks, and the client gets the shutdown event."""
-    async with django_server(tmp_path, version, "wrapped") as server, httpx.AsyncClient(timeout=WAIT) as client:
-        async with aconnect_sse(client, "GET", f"{server.url}/chat?n=3") as source:
+    async with django_server(tmp_path, version, "wrapped") as served, httpx.AsyncClient(timeout=WAIT) as client:
+        async with aconnect_sse(client, "GET", f"{served.url}/chat?n=3") as source:
             sid = source.response.headers["x-stream-id"]
             [e async for e in source.aiter_sse()]
         with anyio.fail_after(WAIT):
-            while (answer := await client.get(f"{server.url}/streams/{sid}")).status_code != 200:  # noqa: ASYNC110
+            while (answer := await client.get(f"{served.url}/streams/{sid}")).status_code != 200:  # noqa: ASYNC110
                 await anyio.sleep(0.02)
         assert answer.json()["status"] == "completed"
-        chunks = (await client.get(f"{server.url}/streams/{sid}/chunks")).json()["chunks"]
+        chunks = (await client.get(f"{served.url}/streams/{sid}/chunks")).json()["chunks"]
         assert [c["data"] for c in chunks] == ["token 0 ", "token 1 ", "token 2 "]
-        # a stream still running when the server is told to stop
-        async with aconnect_sse(client, "GET", f"{server.url}/chat?n=100000&delay=0.02&tag=term") as source:
-            running = source.response.headers["x-stream-id"]
-            events = source.aiter_sse()
-            seen = [(await events.__anext__()).data for _ in range(3)]
-            server.stop()
-            rest = [event async for event in events]
-        assert rest[-1].event == "shutdown"
-        seen += [e.data for e in rest if e.event == "message"]
-        record, chunks = await record_of(server, running)
-    assert record.status is StreamStatus.INTERRUPTED
-    assert [c.data for c in chunks] == seen
-    assert (server.marks / "term.finally").exists()
+        await sigterm_interrupts(served)
 
 
 async def test_resume_with_last_event_id(tmp_path: Path, version: str) -> None:
     """``resume=True``: a client that drops comes back with ``Last-Event-ID`` and gets the rest,
     from the one generation (Django answers the join through the same pull mode)."""
-    async with django_server(tmp_path, version, "wrapped") as server, httpx.AsyncClient(timeout=WAIT) as client:
-        async with aconnect_sse(client, "GET", f"{server.url}/resume?n=20") as source:
+    async with django_server(tmp_path, version, "wrapped") as served, httpx.AsyncClient(timeout=WAIT) as client:
+        async with aconnect_sse(client, "GET", f"{served.url}/resume?n=20") as source:
             sid = source.response.headers["x-stream-id"]
             first = []
             async for event in source.aiter_sse():
@@ -200,11 +125,11 @@ async def test_resume_with_last_event_id(tmp_path: Path, version: str) -> None:
                 if len(first) == 3:
                     break
         headers = {"Last-Event-ID": first[-1].id}
-        async with aconnect_sse(client, "GET", f"{server.url}/resume?n=20", headers=headers) as source:
+        async with aconnect_sse(client, "GET", f"{served.url}/resume?n=20", headers=headers) as source:
             assert source.response.headers["x-stream-id"] == sid
             rest = [event async for event in source.aiter_sse()]
-        bad = await client.get(f"{server.url}/resume", headers={"Last-Event-ID": "nonsense"})
-        record, chunks = await record_of(server, sid)
+        bad = await client.get(f"{served.url}/resume", headers={"Last-Event-ID": "nonsense"})
+        record, chunks = await record_of(served, sid)
     assert bad.status_code == 400
     data = [e.data for e in first] + [e.data for e in rest if e.event == "message"]
     assert data == [f"part {i} " for i in range(20)] == [c.data for c in chunks]

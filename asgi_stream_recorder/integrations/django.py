@@ -25,9 +25,7 @@ event loop to stream from, and the view says so.
 
 from __future__ import annotations
 
-import functools
-import inspect
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 try:
@@ -37,11 +35,11 @@ except ImportError as exc:  # pragma: no cover - tested in a fresh environment (
     raise ImportError("asgi_stream_recorder.integrations.django needs Django: "
                       "pip install 'asgi-stream-recorder[django]'") from exc
 
-from ..decorator import Options, build_response, check_decorator_options
+from ..decorator import Options
 from ..driver import SCOPE_KEY
 from ..pull import pull_body
 from ..recorders import Recorder, default_recorder, open_recorder
-from ._framework import no_receive, per_request
+from ._framework import Source, adapter, prepare
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -71,42 +69,30 @@ def recorder() -> Recorder:
     return _from_settings[value]
 
 
-def recorded_stream(
-    func: Callable[..., AsyncIterator[Any]] | None = None, /, **options: Unpack[Options]
-) -> Any:
+def recorded_stream(func: Source | None = None, /, **options: Unpack[Options]) -> Any:
     """Make an async generator view ``async def chat(request, ...)`` stream what it yields as
     recorded SSE. Takes the options of :func:`asgi_stream_recorder.recorded_stream`."""
-    checked = check_decorator_options(options)
+    return adapter(func, options, _view)
 
-    def decorate(source: Callable[..., AsyncIterator[Any]]) -> Callable[..., Any]:
-        if not inspect.isasyncgenfunction(source):
-            raise TypeError(f"@recorded_stream needs an async generator function (async def with yield), "
-                            f"got {source!r}")
 
-        @functools.wraps(source)
-        async def view(request: HttpRequest, *args: Any, **kwargs: Any) -> StreamingHttpResponse:
-            scope = getattr(request, "scope", None)
-            if not isinstance(scope, dict):
-                raise RuntimeError("a recorded stream needs Django served over ASGI (an ASGI server such as "
-                                   "uvicorn, and get_asgi_application()), not WSGI")
-            # Django's GZipMiddleware compresses each chunk of an async stream as a gzip stream of
-            # its own, which clients (httpx, curl) stop reading after the first: an event stream
-            # is never compressed (as the middleware does for every SSE request).
-            request.META.pop("HTTP_ACCEPT_ENCODING", None)
-            resolved = await per_request(checked, request, scope, recorder)
-            fallback = checked.get("fallback")
-            response = build_response(
-                source(request, *args, **kwargs), resolved,
-                fallback=None if fallback is None else lambda: fallback(request, *args, **kwargs))
-            prepared = await response.prepare(scope, no_receive)
-            state = scope.get(SCOPE_KEY)
-            # Django 4.2 reads nothing after the body: the middleware's receive tells of a hang-up
-            hangup = state.receive if state is not None else None
-            answer = StreamingHttpResponse(pull_body(prepared, scope, hangup=hangup), status=prepared.status)
-            for name, value in prepared.header_items():
-                answer[name] = value
-            return answer
+def _view(source: Source, options: Options) -> Callable[..., Any]:
+    async def view(request: HttpRequest, *args: Any, **kwargs: Any) -> StreamingHttpResponse:
+        scope = getattr(request, "scope", None)
+        if not isinstance(scope, dict):
+            raise RuntimeError("a recorded stream needs Django served over ASGI (an ASGI server such as "
+                               "uvicorn, and get_asgi_application()), not WSGI")
+        # Django's GZipMiddleware compresses each chunk of an async stream as a gzip stream of
+        # its own, which clients (httpx, curl) stop reading after the first: an event stream
+        # is never compressed (as the middleware does for every SSE request).
+        request.META.pop("HTTP_ACCEPT_ENCODING", None)
+        prepared = await prepare(options, source, (request, *args), kwargs, request=request, scope=scope,
+                                 recorder=recorder)
+        state = scope.get(SCOPE_KEY)
+        # Django 4.2 reads nothing after the body: the middleware's receive tells of a hang-up
+        hangup = state.receive if state is not None else None
+        answer = StreamingHttpResponse(pull_body(prepared, scope, hangup=hangup), status=prepared.status)
+        for name, value in prepared.header_items():
+            answer[name] = value
+        return answer
 
-        return view
-
-    return decorate if func is None else decorate(func)
+    return view

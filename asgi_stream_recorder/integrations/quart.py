@@ -21,9 +21,7 @@ This needs ``quart`` (the ``[quart]`` extra).
 
 from __future__ import annotations
 
-import functools
-import inspect
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 try:
@@ -33,10 +31,10 @@ except ImportError as exc:  # pragma: no cover - tested in a fresh environment (
                       "pip install 'asgi-stream-recorder[quart]'") from exc
 from starlette.types import Scope
 
-from ..decorator import Options, build_response, check_decorator_options
+from ..decorator import Options
 from ..pull import pull_body
 from ..recorders import Recorder, default_recorder
-from ._framework import no_receive, per_request
+from ._framework import Source, adapter, prepare
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -66,38 +64,25 @@ def init_app(app: Quart, recorder: Recorder | None = None) -> Recorder:
     return chosen
 
 
-def recorded_stream(
-    func: Callable[..., AsyncIterator[Any]] | None = None, /, **options: Unpack[Options]
-) -> Any:
+def recorded_stream(func: Source | None = None, /, **options: Unpack[Options]) -> Any:
     """Make an async generator route stream what it yields as recorded SSE. Takes the options of
     :func:`asgi_stream_recorder.recorded_stream`."""
-    checked = check_decorator_options(options)
+    return adapter(func, options, _view)
 
-    def decorate(source: Callable[..., AsyncIterator[Any]]) -> Callable[..., Any]:
-        if not inspect.isasyncgenfunction(source):
-            raise TypeError(f"@recorded_stream needs an async generator function (async def with yield), "
-                            f"got {source!r}")
 
-        @functools.wraps(source)
-        async def view(*args: Any, **kwargs: Any) -> Response:
-            scope: Scope = dict(request.scope)  # (a typed dict in Quart; a copy, as any ASGI middleware makes)
-            resolved = await per_request(checked, request, scope, _app_recorder)
-            fallback = checked.get("fallback")
-            response = build_response(
-                source(*args, **kwargs), resolved,
-                fallback=None if fallback is None else lambda: fallback(*args, **kwargs))
-            prepared = await response.prepare(scope, no_receive)
-            # (the body runs with this request's context: the generator may use ``request``)
-            body = stream_with_context(pull_body)(prepared, scope)
-            answer = Response(body, status=prepared.status)
-            for name, value in prepared.header_items():
-                answer.headers[name] = value
-            answer.timeout = None  # a stream lasts as long as its generator, not RESPONSE_TIMEOUT
-            return answer
+def _view(source: Source, options: Options) -> Callable[..., Any]:
+    async def view(*args: Any, **kwargs: Any) -> Response:
+        scope: Scope = dict(request.scope)  # (a typed dict in Quart; a copy, as any ASGI middleware makes)
+        prepared = await prepare(options, source, args, kwargs, request=request, scope=scope, recorder=_app_recorder)
+        # (the body runs with this request's context: the generator may use ``request``)
+        body = stream_with_context(pull_body)(prepared, scope)
+        answer = Response(body, status=prepared.status)
+        for name, value in prepared.header_items():
+            answer.headers[name] = value
+        answer.timeout = None  # a stream lasts as long as its generator, not RESPONSE_TIMEOUT
+        return answer
 
-        return view
-
-    return decorate if func is None else decorate(func)
+    return view
 
 
 def _app_recorder() -> Recorder:
